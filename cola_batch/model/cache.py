@@ -1,0 +1,159 @@
+"""Per-layer, per-sample K/V history of one generation batch (spec/model.md §2.7, §3.8).
+
+Contract:
+* A `KVCache` belongs to one model instance and one batch; sample i of the cache is sample i of
+  every call that reads it. It is an explicit object passed to `decode`/`forward`, never hidden
+  module state, so several batches can be in flight on one model.
+* Storage per layer is a padded tensor pair `(B, capacity, heads, head_dim)`; `lengths[i]` rows
+  of sample i are valid. Keys are stored **after** qk-norm and RoPE: both are per-row functions
+  of the row and its absolute position, so this yields the same numbers as the reference, which
+  stores them earlier and re-applies the norm/rotation on every read.
+* `append` (used by the models with `update_cache=True`) mutates the cache in place.
+  `select` and `concat` return new caches and never modify their inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_MIN_CAPACITY = 16
+
+
+class KVCache:
+    """K/V rows of every layer for a batch of B samples."""
+
+    def __init__(self, num_layers: int, batch_size: int = 0) -> None:
+        self.num_layers = num_layers
+        self._lengths = torch.zeros(batch_size, dtype=torch.long)
+        self._k: list[torch.Tensor | None] = [None] * num_layers
+        self._v: list[torch.Tensor | None] = [None] * num_layers
+
+    # ------------------------------------------------------------------ inspection
+    def lengths(self) -> list[int]:
+        return [int(x) for x in self._lengths.tolist()]
+
+    def lengths_tensor(self) -> torch.Tensor:
+        return self._lengths.clone()
+
+    def num_samples(self) -> int:
+        return int(self._lengths.numel())
+
+    def is_empty(self) -> bool:
+        return self._k[0] is None if self.num_layers else True
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Padded (B, max_len, heads, head_dim) views of layer `index`, or None if empty."""
+        k, v = self._k[index], self._v[index]
+        if k is None or v is None:
+            return None
+        width = int(self._lengths.max()) if self._lengths.numel() else 0
+        return k[:, :width], v[:, :width]
+
+    def storage(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The raw padded (B, capacity, heads, head_dim) tensors of layer `index`."""
+        k, v = self._k[index], self._v[index]
+        if k is None or v is None:
+            return None
+        return k, v
+
+    def sample(self, layer: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(len_i, heads, head_dim) K and V of one sample; for tests and debugging."""
+        kv = self.layer(layer)
+        n = int(self._lengths[index])
+        if kv is None:
+            raise IndexError("cache is empty")
+        return kv[0][index, :n], kv[1][index, :n]
+
+    # ------------------------------------------------------------------ mutation
+    def ensure_batch(self, batch_size: int) -> None:
+        """Adopt the batch size of the first call on an empty cache; reject a change later."""
+        if self.is_empty() and int(self._lengths.sum()) == 0:
+            if self._lengths.numel() != batch_size:
+                self._lengths = torch.zeros(batch_size, dtype=torch.long)
+        elif self._lengths.numel() != batch_size:
+            raise ValueError(f"cache holds {self._lengths.numel()} samples, call has {batch_size}")
+
+    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor,
+              rows_b: torch.Tensor, rows_pos: torch.Tensor, new_max: int) -> None:
+        """Store flat rows (N, heads, head_dim) of `layer` at (sample rows_b, position rows_pos).
+
+        `new_max` is the largest length after the write. The caller advances the lengths once
+        per call with `advance` after every layer has written.
+        """
+        k, v = self._k[layer], self._v[layer]
+        batch = self._lengths.numel()
+        if k is None or v is None or k.shape[1] < new_max or k.dtype != k_new.dtype \
+                or v.dtype != v_new.dtype:
+            capacity = max(_MIN_CAPACITY, new_max, 2 * (k.shape[1] if k is not None else 0))
+            k2 = k_new.new_zeros((batch, capacity, *k_new.shape[1:]))
+            v2 = v_new.new_zeros((batch, capacity, *v_new.shape[1:]))
+            if k is not None and v is not None:
+                k2[:, : k.shape[1]] = k
+                v2[:, : v.shape[1]] = v
+            k, v = k2, v2
+            self._k[layer], self._v[layer] = k, v
+        if rows_b.numel():
+            k[rows_b, rows_pos] = k_new
+            v[rows_b, rows_pos] = v_new
+
+    def advance(self, q_lens: torch.Tensor) -> None:
+        self._lengths = self._lengths + q_lens.to(self._lengths.device, torch.long).cpu()
+
+    def clear(self) -> None:
+        self._lengths = torch.zeros_like(self._lengths)
+        self._k = [None] * self.num_layers
+        self._v = [None] * self.num_layers
+
+    # ------------------------------------------------------------------ batch surgery
+    def select(self, indices: Sequence[int]) -> KVCache:
+        """A new cache holding samples `indices` (in that order); self is unchanged."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        out = KVCache(self.num_layers, int(idx.numel()))
+        out._lengths = self._lengths[idx].clone()
+        width = int(out._lengths.max()) if idx.numel() else 0
+        for i in range(self.num_layers):
+            k, v = self._k[i], self._v[i]
+            if k is not None and v is not None:
+                dev_idx = idx.to(k.device)
+                out._k[i] = k[dev_idx, :width].clone()
+                out._v[i] = v[dev_idx, :width].clone()
+        return out
+
+    def concat(self, other: KVCache) -> KVCache:
+        """A new cache with our samples followed by `other`'s; neither input changes."""
+        if other.num_layers != self.num_layers:
+            raise ValueError("caches of different depth cannot be concatenated")
+        out = KVCache(self.num_layers, self.num_samples() + other.num_samples())
+        out._lengths = torch.cat([self._lengths, other._lengths])
+        width = int(out._lengths.max()) if out._lengths.numel() else 0
+        for i in range(self.num_layers):
+            parts_k, parts_v = [], []
+            ref = self._k[i] if self._k[i] is not None else other._k[i]
+            ref_v = self._v[i] if self._v[i] is not None else other._v[i]
+            if ref is None or ref_v is None:
+                continue
+            for cache in (self, other):
+                k, v, n = cache._k[i], cache._v[i], cache.num_samples()
+                pk = ref.new_zeros((n, width, *ref.shape[2:]))
+                pv = ref_v.new_zeros((n, width, *ref_v.shape[2:]))
+                if k is not None and v is not None:
+                    w = min(width, k.shape[1])
+                    pk[:, :w] = k[:, :w]
+                    pv[:, :w] = v[:, :w]
+                parts_k.append(pk)
+                parts_v.append(pv)
+            out._k[i] = torch.cat(parts_k)
+            out._v[i] = torch.cat(parts_v)
+        return out
+
+    def to(self, device: torch.device | str) -> KVCache:
+        out = KVCache(self.num_layers, self.num_samples())
+        out._lengths = self._lengths.clone()
+        out._k = [None if k is None else k.to(device) for k in self._k]
+        out._v = [None if v is None else v.to(device) for v in self._v]
+        return out
+
+    def __repr__(self) -> str:
+        return f"KVCache(layers={self.num_layers}, lengths={self.lengths()})"
