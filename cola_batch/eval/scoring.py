@@ -128,7 +128,8 @@ class TaskScore:
     correct: list[dict[str, Any]] = field(default_factory=list)
     wrong: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    buckets: dict[int, tuple[int, int]] = field(default_factory=dict)  # r -> (correct, total)
+    # remainder r -> scored records in that bucket (own field or borrowed by id)
+    bucket_records: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -139,8 +140,16 @@ class TaskScore:
         """100 * correct / scored rows, or None when no row was scored."""
         return 100.0 * len(self.correct) / self.total if self.total else None
 
+    @property
+    def buckets(self) -> dict[int, tuple[int, int]]:
+        """remainder -> (correct, total), ascending by remainder."""
+        return {
+            r: (sum(1 for x in recs if x["correct"]), len(recs))
+            for r, recs in sorted(self.bucket_records.items())
+        }
+
     def bucket_accuracy(self) -> dict[int, float]:
-        return {r: 100.0 * c / n for r, (c, n) in sorted(self.buckets.items()) if n}
+        return {r: 100.0 * c / n for r, (c, n) in self.buckets.items() if n}
 
 
 def score_task(
@@ -164,8 +173,7 @@ def score_task(
         (result.correct if scored["correct"] else result.wrong).append(scored)
         remainder = _remainder(scored, bucket_of)
         if remainder is not None:
-            c, n = result.buckets.get(remainder, (0, 0))
-            result.buckets[remainder] = (c + int(scored["correct"]), n + 1)
+            result.bucket_records.setdefault(remainder, []).append(scored)
     return result
 
 
