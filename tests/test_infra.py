@@ -117,6 +117,21 @@ def test_kustomization_lists_exactly_the_manifests_that_exist() -> None:
                 assert c["image"].split(":")[0] in images
 
 
+def test_every_cola_batch_variable_set_is_a_setting_the_service_reads() -> None:
+    """Settings ignore unknown COLA_BATCH_* variables, so a misspelt one would be lost silently."""
+    from cola_batch.settings import Settings
+
+    known = {"COLA_BATCH_" + field.upper() for field in Settings.model_fields}
+    names = set(_compose()["x-cola-env"])
+    for doc in _k8s_docs():
+        names |= set(doc.get("data", {})) | set(doc.get("stringData", {}))
+        for c in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            names |= {var["name"] for var in c.get("env", [])}
+    used = {n for n in names if n.startswith("COLA_BATCH_")}
+    assert len(used) >= 5
+    assert used <= known, used - known
+
+
 # --- compose --------------------------------------------------------------------------------
 
 
@@ -174,7 +189,7 @@ def test_compose_workers_drain_a_shard_before_the_visibility_timeout() -> None:
     assert set(workers) == {"worker", "worker-cpu"}
     for name, service in workers.items():
         grace = _seconds(service["stop_grace_period"])
-        visibility = int(service["environment"]["COLA_BATCH_VISIBILITY_TIMEOUT"])
+        visibility = int(service["environment"]["COLA_BATCH_VISIBILITY_TIMEOUT_S"])
         assert budget < grace < visibility, name
         assert service["stop_signal"] == "SIGTERM"
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -298,15 +313,16 @@ def test_worker_grace_period_sits_between_shard_budget_and_visibility_timeout() 
     deployment = _one("Deployment", WORKER)
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     env = _container_env(_worker_container())
-    assert _budget(deployment) < grace < int(env["COLA_BATCH_VISIBILITY_TIMEOUT"])
+    assert _budget(deployment) < grace < int(env["COLA_BATCH_VISIBILITY_TIMEOUT_S"])
     assert "lifecycle" not in _worker_container()  # a preStop hook would eat the grace period
 
 
 def test_worker_env_is_complete_and_points_at_the_redis_service() -> None:
     env = _container_env(_worker_container())
-    for var in ("COLA_BATCH_REDIS_URL", "COLA_BATCH_VISIBILITY_TIMEOUT", "COLA_BATCH_MAX_ATTEMPTS",
-                "COLA_BATCH_SHARD_SIZE", "COLA_BATCH_API_TOKEN", "COLA_BATCH_METRICS_PORT",
-                "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+    for var in ("COLA_BATCH_REDIS_URL", "COLA_BATCH_VISIBILITY_TIMEOUT_S",
+                "COLA_BATCH_MAX_ATTEMPTS", "COLA_BATCH_SHARD_SIZE", "COLA_BATCH_API_TOKEN",
+                "COLA_BATCH_METRICS_PORT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_REGION"):
         assert env.get(var), var
     url = re.fullmatch(r"redis://:([^@]+)@([\w.-]+):(\d+)/\d+", env["COLA_BATCH_REDIS_URL"])
     assert url and url[1] == env["REDIS_PASSWORD"]
