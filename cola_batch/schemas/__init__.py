@@ -1,5 +1,61 @@
 """Data contracts shared by every package: pydantic models and Arrow schemas. No I/O, no torch."""
 
+from cola_batch.schemas.arrow import (
+    INPUT_SHARD_SCHEMA,
+    OUTPUT_SCHEMA,
+    PROVENANCE_KEY,
+    output_table,
+    provenance_metadata,
+    provenance_record,
+    read_provenance,
+    with_provenance,
+)
+from cola_batch.schemas.job import (
+    ALLOWED_TRANSITIONS,
+    JOB_ID_PATTERN,
+    MAX_ROW_ID_CHARS,
+    TERMINAL_STATES,
+    ErrorCode,
+    IllegalTransition,
+    JobSpec,
+    JobState,
+    JobStatus,
+    OutputRow,
+    Provenance,
+    ShardTask,
+    can_transition,
+    new_job_id,
+    row_id_problem,
+    validate_job_id,
+    validate_row_id,
+)
 from cola_batch.schemas.sampling import SamplingParams
 
-__all__ = ["SamplingParams"]
+__all__ = [
+    "ALLOWED_TRANSITIONS",
+    "INPUT_SHARD_SCHEMA",
+    "JOB_ID_PATTERN",
+    "MAX_ROW_ID_CHARS",
+    "OUTPUT_SCHEMA",
+    "PROVENANCE_KEY",
+    "TERMINAL_STATES",
+    "ErrorCode",
+    "IllegalTransition",
+    "JobSpec",
+    "JobState",
+    "JobStatus",
+    "OutputRow",
+    "Provenance",
+    "SamplingParams",
+    "ShardTask",
+    "can_transition",
+    "new_job_id",
+    "output_table",
+    "provenance_metadata",
+    "provenance_record",
+    "read_provenance",
+    "row_id_problem",
+    "validate_job_id",
+    "validate_row_id",
+    "with_provenance",
+]

@@ -1,0 +1,112 @@
+"""Service settings: one typed class, read from `COLA_BATCH_*` environment variables.
+
+Contract: `Settings()` reads the environment (and a `.env` file only if COLA_BATCH_ENV_FILE
+names one); every field has a default that works on one machine with local storage and the
+embedded Redis. `get_settings()` returns a process-wide cached instance; tests build their own
+`Settings(...)` instead of mutating it. Secrets are `SecretStr`, so they never print.
+Object-storage credentials are NOT settings: they come from the standard AWS variables
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...) read by `cola_batch.storage`.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every tunable of the service. Env var = `COLA_BATCH_` + field name, upper case."""
+
+    model_config = SettingsConfigDict(env_prefix="COLA_BATCH_", extra="ignore", frozen=True)
+
+    redis_url: SecretStr | None = Field(
+        None,
+        description="Broker and job-state Redis, e.g. redis://:password@host:6379/0 or "
+        "rediss://...; None starts an embedded redis-server (single machine only).",
+    )
+    embedded_redis_dir: str = Field(
+        "~/.cache/cola-batch/redis",
+        description="Data directory of the embedded Redis used when redis_url is None.",
+    )
+    default_output: str = Field(
+        "./runs",
+        description="Output base URI used when `submit` gets no --output (local path, "
+        "file://, or s3://bucket/prefix).",
+    )
+    queue_batch: str = Field("cola-batch", description="Celery queue for batch shards.")
+    queue_interactive: str = Field(
+        "cola-interactive",
+        description="Celery queue for small, latency-sensitive jobs; workers poll it first.",
+    )
+    shard_size: int = Field(
+        1000,
+        gt=0,
+        le=1_000_000,
+        description="Rows per staged shard. Size it so one shard runs far below "
+        "visibility_timeout_s on the slowest worker.",
+    )
+    visibility_timeout_s: int = Field(
+        6 * 3600,
+        gt=0,
+        description="Redis transport visibility timeout: an unacked shard is redelivered "
+        "after this long. Must exceed the longest shard run by a wide margin.",
+    )
+    max_attempts: int = Field(
+        3,
+        gt=0,
+        le=100,
+        description="Deliveries of one shard before it is dead-lettered instead of retried.",
+    )
+    worker_prefetch: int = Field(
+        1, ge=1, description="Celery worker_prefetch_multiplier (1 = one shard at a time)."
+    )
+    storage_retries: int = Field(
+        5, ge=0, le=50, description="Retries of one object-storage call on transient errors."
+    )
+    storage_backoff_initial_s: float = Field(
+        0.2, gt=0, description="First retry delay; doubles each retry (with jitter)."
+    )
+    storage_backoff_max_s: float = Field(10.0, gt=0, description="Cap on one retry delay.")
+    s3_conditional_put: bool = Field(
+        True,
+        description="Use `If-None-Match: *` for create-once writes. Disable for S3 servers "
+        "that reject it; create-once then falls back to check-then-put (racy).",
+    )
+    max_prompt_chars: int = Field(
+        1_000_000, gt=0, description="Longest accepted prompt (after the template), in characters."
+    )
+    max_line_bytes: int = Field(
+        16 * 2**20,
+        gt=0,
+        description="Longest accepted JSONL line in bytes; longer lines are rejected "
+        "without being loaded into memory.",
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Prometheus metrics port of workers; None = off."
+    )
+    api_token: SecretStr | None = Field(
+        None, description="Bearer token every HTTP endpoint requires; None = no auth."
+    )
+    log_level: str = Field("INFO", description="Python logging level name.")
+
+    @model_validator(mode="after")
+    def _distinct_queues(self) -> Settings:
+        if self.queue_batch == self.queue_interactive:
+            raise ValueError("queue_batch and queue_interactive must differ")
+        return self
+
+    def redis_url_value(self) -> str | None:
+        """The Redis URL in clear text, for building clients only. Never log it."""
+        return self.redis_url.get_secret_value() if self.redis_url is not None else None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    env_file = os.environ.get("COLA_BATCH_ENV_FILE")
+    if env_file:
+        return Settings(_env_file=env_file)  # type: ignore[call-arg]
+    return Settings()
