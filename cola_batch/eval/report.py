@@ -102,11 +102,15 @@ def format_cell(value: float | None) -> str:
 
 
 def write_csv(summary: Summary, path: Path) -> None:
-    """`task,<column…>` header, two-decimal accuracies, empty cells for missing tasks."""
+    """`task,<column…>` header, two-decimal accuracies, empty cells for missing tasks.
+
+    Rows end in CRLF (the csv module's default, as in the published summary), so a column named
+    `default` over the published generations is byte-identical to the published file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
+        writer = csv.writer(fh)
         writer.writerow(["task", *summary.columns])
         for label, values in table_rows(summary):
             writer.writerow([label, *(format_cell(v) for v in values)])
