@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_fixtures import GOLDEN, needs_golden
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -21,6 +20,11 @@ from cola_batch.model.checkpoint import (
     save_model,
 )
 from cola_batch.model.config import ConfigError, DiTConfig, TextVAEConfig
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+GOLDEN = SHARED / "conformance" / "tiny-a"
+needs_golden = pytest.mark.skipif(not (GOLDEN / "meta.json").exists(),
+                                  reason="shared/conformance/tiny-a not available")
 
 pytestmark = needs_golden
 

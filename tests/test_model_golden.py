@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from model_fixtures import GOLDEN, needs_golden
+from pathlib import Path
+
+import pytest
 
 from cola_batch.model.verify import (
     CHECK_GROUPS,
@@ -16,6 +18,11 @@ from cola_batch.model.verify import (
     register_check_group,
     run_checks,
 )
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+GOLDEN = SHARED / "conformance" / "tiny-a"
+needs_golden = pytest.mark.skipif(not (GOLDEN / "meta.json").exists(),
+                                  reason="shared/conformance/tiny-a not available")
 
 pytestmark = needs_golden
 
