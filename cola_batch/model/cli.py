@@ -166,5 +166,9 @@ def verify(
             table.add_row(r.name, f"{r.max_abs_diff:.3e}", f"{r.tolerance:.0e}",
                           "[green]pass" if r.passed else f"[red]FAIL[/red] {r.detail}")
         console.print(table)
+        for r in results:
+            if not r.passed:
+                typer.echo(f"FAIL {r.name}: max abs diff {r.max_abs_diff:.3e} > "
+                           f"{r.tolerance:.0e} {r.detail}")
         console.print("[green]all checks passed" if ok else "[red]verification failed")
     raise typer.Exit(0 if ok else 1)
