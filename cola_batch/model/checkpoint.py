@@ -136,7 +136,11 @@ def _load_into(model: nn.Module, folder: Path, dtype: torch.dtype,
             if not tensor.is_floating_point():
                 raise CheckpointError(f"{path}: tensor {key!r} has dtype {tensor.dtype}")
             target = torch.float32 if keep_fp32(key) else dtype
-            state[key] = tensor.to(device=device, dtype=target)
+            converted = tensor.to(device=device, dtype=target)
+            if keep_fp32(key) and target != dtype:
+                # a few floats; copying them lets the mapping close when the weights were cast
+                converted = converted.clone()
+            state[key] = converted
     model.load_state_dict(state, strict=True, assign=True)
 
 
