@@ -111,8 +111,10 @@ def commits_prefix(job: str) -> str:
     return join(job, "commits")
 
 
-def commit_record_uri(job: str, shard_id: int) -> str:
-    return join(job, "commits", f"{shard_name(shard_id)}.json")
+def commit_record_uri(job: str, shard_id: int, generation: int = 0) -> str:
+    """Generation 0 is the first run; each `retry` of a shard's failed rows adds one."""
+    suffix = f".g{generation}" if generation else ""
+    return join(job, "commits", f"{shard_name(shard_id)}{suffix}.json")
 
 
 def manifest_uri(job: str) -> str:

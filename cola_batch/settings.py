@@ -91,6 +91,23 @@ class Settings(BaseSettings):
         None, description="Bearer token every HTTP endpoint requires; None = no auth."
     )
     log_level: str = Field("INFO", description="Python logging level name.")
+    soft_shutdown_s: int = Field(
+        60,
+        ge=0,
+        description="On SIGTERM a worker stops taking shards and lets the running one finish "
+        "for this long; a shard still running then is requeued at once.",
+    )
+    worker_model: str | None = Field(
+        None, description="Model root a worker process loads (set by `cola-batch worker`)."
+    )
+    worker_device: str = Field(
+        "auto",
+        description="Device of a worker process: auto (cuda if visible, else cpu), cpu, cuda.",
+    )
+    worker_dtype: str = Field("bf16", description="Compute dtype of a worker: bf16 or fp32.")
+    batch_tokens: int = Field(
+        4096, gt=0, description="Token budget of one generation micro-batch in a worker."
+    )
 
     @model_validator(mode="after")
     def _distinct_queues(self) -> Settings:

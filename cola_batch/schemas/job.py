@@ -156,6 +156,9 @@ class ShardTask(BaseModel):
     row_end: int = Field(ge=0, description="row_index one past the shard's last row")
     row_count: int = Field(gt=0)
     attempt: int = Field(0, ge=0)
+    generation: int = Field(
+        0, ge=0, description="0 = first run; `retry` re-runs a shard's failed rows as gen n+1"
+    )
 
     @model_validator(mode="after")
     def _range_matches_count(self) -> ShardTask:

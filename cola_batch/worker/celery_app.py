@@ -1,0 +1,87 @@
+"""The Celery application: broker settings that make shard delivery safe, and the shard task.
+
+Contract:
+* JSON is the only accepted content type: a pickled message is refused, never executed.
+* Shards are acknowledged late (after their outputs are committed) with one message in flight
+  per worker process, so a crashed or killed process never loses a shard: a lost child process
+  requeues its shard at once (`task_reject_on_worker_lost`), a lost host after the Redis
+  transport's visibility timeout. Redelivery is bounded by the attempt counter in
+  `cola_batch.worker.shard`, which dead-letters a shard that keeps killing its worker.
+* The broker URL is `Settings.redis_url`; the app is built at import time from the environment
+  because Celery's worker command imports it by name (`-A cola_batch.worker.celery_app`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, signals
+
+from cola_batch.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+SHARD_TASK_NAME = "cola_batch.run_shard"
+
+
+def make_app(settings: Settings) -> Celery:
+    url = settings.redis_url_value() or "redis://127.0.0.1:6379/0"
+    app = Celery("cola_batch", broker=url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=settings.worker_prefetch,
+        task_default_queue=settings.queue_batch,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # How often live workers look for shards of dead hosts whose visibility timeout
+            # ran out (kombu's default scans at most every 10 s).
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
+        },
+        # SIGTERM: stop taking shards, give the running one time to finish; what is still
+        # running after that is requeued by the cold shutdown that follows.
+        worker_soft_shutdown_timeout=float(settings.soft_shutdown_s),
+        worker_enable_soft_shutdown_on_idle=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+
+    @app.task(name=SHARD_TASK_NAME, bind=True)
+    def run_shard(self: Any, task: dict[str, Any]) -> dict[str, Any]:  # noqa: ARG001
+        from cola_batch.worker.shard import run_shard_task
+
+        return run_shard_task(task)
+
+    return app
+
+
+app = make_app(get_settings())
+
+
+@signals.worker_process_init.connect
+def _load_model_in_child(**_: Any) -> None:
+    """Load the model in the pool process, after fork, before it takes its first shard."""
+    from cola_batch.worker.holder import preload_from_env
+
+    preload_from_env()
+
+
+@signals.worker_init.connect
+def _load_model_in_solo(sender: Any = None, **_: Any) -> None:
+    """With the solo pool the main process runs shards, so it loads the model itself."""
+    pool = getattr(getattr(sender, "pool_cls", None), "__module__", "") or ""
+    if pool.endswith("solo"):
+        from cola_batch.worker.holder import preload_from_env
+
+        preload_from_env()
