@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from cola_batch import storage
 from cola_batch.producer.chat import ChatTemplateError, messages_to_prompt
-from cola_batch.producer.errors import InputError, Rejection
+from cola_batch.producer.errors import SKIP_HINT, InputError, Rejection
 from cola_batch.schemas.job import JobSpec
 from cola_batch.settings import Settings
 
@@ -245,7 +245,9 @@ class _Line(Exception):
 def _row_from_openai(obj: dict[str, Any]) -> tuple[Any, str, int | None, float | None]:
     body = obj["body"]
     if not isinstance(body, dict):
-        raise _Line("wrong_type", "body must be a JSON object", "body")
+        raise _Line(
+            "wrong_type", "body must be a JSON object", "body", "send the request as an object"
+        )
     if "messages" in body and body["messages"] is not None:
         try:
             prompt = messages_to_prompt(body["messages"])
@@ -262,7 +264,10 @@ def _row_from_openai(obj: dict[str, Any]) -> tuple[Any, str, int | None, float |
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise _Line(
-                "wrong_type", f"prompt must be a string, got {type(prompt).__name__}", "body.prompt"
+                "wrong_type",
+                f"prompt must be a string, got {type(prompt).__name__}",
+                "body.prompt",
+                "make body.prompt a string",
             )
     else:
         raise _Line(
@@ -290,7 +295,12 @@ def _row_from_plain(obj: dict[str, Any], spec: JobSpec) -> tuple[Any, Any, None,
         )
     prompt = obj[column]
     if prompt is not None and not isinstance(prompt, str):
-        raise _Line("wrong_type", f"prompt must be a string, got {type(prompt).__name__}", column)
+        raise _Line(
+            "wrong_type",
+            f"prompt must be a string, got {type(prompt).__name__}",
+            column,
+            "make the prompt a JSON string",
+        )
     row_id = None
     if spec.id_column is not None:
         if spec.id_column not in obj:
@@ -309,7 +319,12 @@ def _normalise_id(value: Any, column: str) -> str | None:
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    raise _Line("wrong_type", f"id must be a string or integer, got {type(value).__name__}", column)
+    raise _Line(
+        "wrong_type",
+        f"id must be a string or integer, got {type(value).__name__}",
+        column,
+        "make every id a JSON string or integer",
+    )
 
 
 def _parse_line(raw: bytes, spec: JobSpec) -> tuple[str | None, Any, int | None, float | None]:
@@ -361,11 +376,13 @@ def _read_jsonl(
     try:
         for lineno, raw, length in iter_lines(stream, settings.max_line_bytes):
             if raw is None:
+                if columns[0] and spec.on_bad_rows == "fail":
+                    yield flush()
                 yield Rejection(
                     uri,
                     "line_too_long",
                     f"line is {length} bytes, the limit is {settings.max_line_bytes}",
-                    "shorten the line or raise COLA_BATCH_MAX_LINE_BYTES",
+                    f"shorten the line or raise COLA_BATCH_MAX_LINE_BYTES, {SKIP_HINT}",
                     line=lineno,
                 )
                 continue
@@ -387,7 +404,11 @@ def _read_jsonl(
             try:
                 row = _parse_line(raw, spec)
             except _Line as bad:
-                yield Rejection(uri, bad.code, bad.reason, bad.hint, line=lineno, column=bad.column)
+                hint = f"{bad.hint or 'fix the line'}, {SKIP_HINT}"
+                if columns[0] and spec.on_bad_rows == "fail":
+                    # Earlier rows are checked first, so the error names the first bad line.
+                    yield flush()
+                yield Rejection(uri, bad.code, bad.reason, hint, line=lineno, column=bad.column)
                 continue
             for col, value in zip(columns, (*row, lineno), strict=True):
                 col.append(value)
@@ -397,7 +418,7 @@ def _read_jsonl(
         if stream is handle:
             raise
         raise InputError(
-            f"cannot decompress after line {lineno} ({exc})",
+            f"corrupt gzip stream after {lineno} lines ({exc})",
             file=uri,
             code="corrupt_file",
             hint="re-create the .gz file",

@@ -145,11 +145,11 @@ class Stager:
         self.rows_seen += n
         ids, prompts = batch.column("id"), batch.column("prompt")
         bad = pa.array([False] * n)
-        for mask, (code, column, reason, hint) in self._checks(ids, prompts):
+        found: list[tuple[int, tuple[str, str, str, str]]] = []
+        for mask, problem in self._checks(ids, prompts):
             mask = pc.and_not(pc.fill_null(mask, False), bad)
             if pc.any(mask).as_py():
-                for index in pc.indices_nonzero(mask).to_pylist():
-                    self._reject(source, index, code, column, reason, hint)
+                found += [(index, problem) for index in pc.indices_nonzero(mask).to_pylist()]
                 bad = pc.or_(bad, mask)
         keep = [not b for b in bad.to_pylist()]
         seen = self._seen
@@ -159,16 +159,22 @@ class Stager:
             digest = hashlib.blake2b(row_id.encode("utf-8"), digest_size=16).digest()
             if digest in seen:
                 keep[index] = False
-                self._reject(
-                    source,
-                    index,
-                    "duplicate_id",
-                    self.spec.id_column or "id",
-                    f"duplicate id {describe_id(row_id)}: it already appeared earlier",
-                    f"ids must be unique across all inputs; {SKIP_HINT}",
+                found.append(
+                    (
+                        index,
+                        (
+                            "duplicate_id",
+                            self.spec.id_column or "id",
+                            f"duplicate id {describe_id(row_id)}: it already appeared earlier",
+                            f"ids must be unique across all inputs; {SKIP_HINT}",
+                        ),
+                    )
                 )
             else:
                 seen.add(digest)
+        # In file order, so that with on_bad_rows="fail" the error names the first bad row.
+        for index, (code, column, reason, hint) in sorted(found, key=lambda item: item[0]):
+            self._reject(source, index, code, column, reason, hint)
         good = batch.filter(pa.array(keep)) if not all(keep) else batch
         if good.num_rows:
             prompts = _templated(good.column("prompt"), self.spec.prompt_template)
