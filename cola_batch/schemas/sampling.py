@@ -34,6 +34,11 @@ class SamplingParams(BaseModel):
         description="per-row: every draw of a row comes from a generator keyed by "
         "(seed, row id, sample, block); reference: the reference's seeding formula",
     )
+    global_seed: int = Field(
+        4321, ge=0, lt=2**63,
+        description="reference noise mode only: seed of the single generator that token "
+        "sampling draws from (the reference's torch.manual_seed before the call)",
+    )
     stop_mode: StopMode = Field(
         "per-sample",
         description="per-sample: a row stops at EOS/im_end and leaves the batch; "

@@ -1,0 +1,329 @@
+"""One running batch of rows advancing block by block (spec/inference.md §3.7–§3.9).
+
+Contract:
+* `RowState` is everything the loop knows about one row; `RunningBatch.add` prefills
+  newcomers (prefix through the DiT at t = 0 and through the VAE decoder, both appending to
+  fresh caches) and merges them into the batch; `RunningBatch.step` runs one block for every
+  running row (noise, N Euler steps with cond/uncond passes and CFG, pins in block 0, decode,
+  token choice, stop rules, DiT commit) and returns the rows that finished.
+* Batch invariance (per-row mode): every model call is built so that a row's numbers do not
+  depend on its batch-mates, measured on this CPU (torch 2.13, oneDNN/MKL, 1 and 2 threads):
+  - The model attends over per-sample keys padded to the batch maximum. PyTorch's CPU SDPA
+    kernels change the last bits when the padding changes; an explicit matmul → softmax →
+    matmul core does not, provided a sample's valid keys sit contiguously at the front (tail
+    padding only). So the conditional pass is an `update_cache=True` call (keys are the cache
+    followed by the new rows at their true positions) whose length bump is undone with
+    `KVCache.advance(-q)`; the junk rows it leaves past the valid length are masked and are
+    overwritten by the next write. The DiT runs the explicit core (`reference_numerics`) for
+    batched calls; with SDPA (fp32 without reference numerics) DiT calls are split into
+    groups of rows with identical cache lengths, whose padded problems equal the solo ones.
+  - The VAE always uses SDPA, so decoder calls are grouped by cache length and prompts are
+    encoded in groups of equal padded length (no padding at all).
+  - GEMMs give row-invariant results for ≥ 4 rows (fp32: M ∈ {4, 8} or ≥ 12; bf16: ≥ 2); every
+    call here has a multiple of S rows per sample, so S % 4 == 0 keeps every call safe.
+  - Elementwise ops are vectorised identically when rows are 16-element aligned (widths of
+    the model are multiples of 16); noise and token draws come from per-row generators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cola_batch.model.cache import KVCache
+from cola_batch.model.checkpoint import ColaModel
+from cola_batch.pipeline import rng
+from cola_batch.pipeline.layout import PromptPlan, SpecialIds
+from cola_batch.pipeline.sampler import (
+    SamplerConfig,
+    history_mask,
+    inverse_cdf_draw,
+    reference_draw,
+    select_tokens,
+)
+
+
+@dataclass
+class RowState:
+    row_id: str
+    sample_index: int
+    seq: int  # admission order; the reference's batch order
+    ids: list[int]
+    plan: PromptPlan
+    blocks_total: int
+    seed: int
+    latents: torch.Tensor | None = None  # (n_latents, d) scaled, fp32 — until prefilled
+    pinned: torch.Tensor | None = None  # (r, d) scaled prompt latents of block 0
+    k: int = 0  # cached latent positions before the next block
+    block: int = 0
+    history: list[int] = field(default_factory=list)
+    stop_flag: bool = False
+    result_tokens: list[int] | None = None
+    finish_reason: str | None = None
+    error: tuple[str, str] | None = None
+
+    def reset(self) -> None:
+        self.latents = self.pinned = None
+        self.k = self.block = 0
+        self.history = []
+        self.stop_flag = False
+        self.result_tokens = self.finish_reason = self.error = None
+
+
+@dataclass
+class Part:
+    rows: list[RowState]
+    cache: KVCache
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    steps: int
+    guidance: float
+    sampler: SamplerConfig
+    max_new_tokens: int
+    reference_noise: bool
+    reference_stop: bool
+    noise_base: int  # job seed (per-row) or the reference's env-var base
+    specials: SpecialIds
+    T: float = 1000.0
+
+
+def _lens(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.long)
+
+
+class RunningBatch:
+    def __init__(self, model: ColaModel, cfg: RunConfig, device: torch.device,
+                 autocast: bool, grouped_dit: bool,
+                 sample_generator: torch.Generator | None = None,
+                 dit_forward: Callable[..., torch.Tensor] | None = None) -> None:
+        self.model, self.cfg, self.device = model, cfg, device
+        self.autocast, self.grouped_dit = autocast, grouped_dit
+        self.dit_forward = dit_forward or model.dit
+        self.sample_generator = sample_generator
+        self.S = model.dit.config.block_size
+        self.P = model.vae.config.patch_size
+        self.C = self.S * self.P
+        self.d = model.dit.config.txt_in_channels
+        self.vocab = model.vae.config.vocab_size
+        grid = torch.linspace(cfg.T, 0.0, cfg.steps + 1, dtype=torch.float32)
+        self.t_model = grid.to(torch.bfloat16).float().tolist()
+        self.dt = [((grid[i] - grid[i + 1]) / max(cfg.T, 1.0)).to(device)
+                   for i in range(cfg.steps)]
+        self.dit_parts: list[Part] = []
+        self.vae_parts: list[Part] = []
+
+    # ------------------------------------------------------------------ helpers
+    def ctx(self) -> contextlib.AbstractContextManager:
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @property
+    def rows(self) -> list[RowState]:
+        return [r for p in self.dit_parts for r in p.rows]
+
+    def __len__(self) -> int:
+        return sum(len(p.rows) for p in self.dit_parts)
+
+    def _num_layers(self, which: str) -> int:
+        return (self.model.dit.config.num_layers if which == "dit"
+                else self.model.vae.config.decoder_num_blocks)
+
+    @staticmethod
+    def _merge(parts: list[Part], new: Part, by_k: bool) -> None:
+        if by_k:
+            for p in parts:
+                if p.rows and p.rows[0].k == new.rows[0].k:
+                    p.rows.extend(new.rows)
+                    p.cache = p.cache.concat(new.cache)
+                    return
+        elif parts:
+            parts[0].rows.extend(new.rows)
+            parts[0].cache = parts[0].cache.concat(new.cache)
+            return
+        parts.append(new)
+
+    # ------------------------------------------------------------------ prefill
+    def add(self, newcomers: Sequence[RowState]) -> None:
+        """Prefill newcomers (already encoded) in groups of equal prefix length, then merge."""
+        by_p: dict[int, list[RowState]] = {}
+        for r in newcomers:
+            by_p.setdefault(r.plan.prefix_latents, []).append(r)
+        for p, rows in by_p.items():
+            n = len(rows)
+            dit_cache = KVCache(self._num_layers("dit"), n)
+            vae_cache = KVCache(self._num_layers("vae"), n)
+            if p > 0:
+                z = torch.cat([r.latents[:p] for r in rows]).to(self.device)
+                lens = _lens([p] * n, self.device)
+                with torch.no_grad(), self.ctx():
+                    self.dit_forward(z.to(torch.bfloat16).float(), lens, lens,
+                                     torch.zeros(z.shape[0], device=self.device),
+                                     cache=dit_cache, update_cache=True)
+                    self.model.vae.decode(z, lens, lens, cache=vae_cache, update_cache=True)
+            for r in rows:
+                r.k = p
+                r.latents = None
+            self._merge(self.dit_parts, Part(list(rows), dit_cache), self.grouped_dit)
+            self._merge(self.vae_parts, Part(list(rows), vae_cache), True)
+
+    def remove(self, gone: set[int]) -> None:
+        """Drop rows (by id()) from every part and cache."""
+        for parts in (self.dit_parts, self.vae_parts):
+            kept_parts = []
+            for p in parts:
+                keep = [i for i, r in enumerate(p.rows) if id(r) not in gone]
+                if len(keep) == len(p.rows):
+                    kept_parts.append(p)
+                elif keep:
+                    kept_parts.append(Part([p.rows[i] for i in keep], p.cache.select(keep)))
+            parts[:] = kept_parts
+
+    # ------------------------------------------------------------------ one block
+    def _noise(self, r: RowState) -> torch.Tensor:
+        if self.cfg.reference_noise:
+            seed = rng.reference_noise_seed(self.cfg.noise_base, r.row_id, r.block)
+        else:
+            seed = rng.row_seed(rng.NOISE, self.cfg.noise_base, r.row_id, r.sample_index,
+                                r.block)
+        return rng.block_noise(seed, self.S, self.d)
+
+    def _denoise(self, part: Part) -> torch.Tensor:
+        S, n, cfg = self.S, len(part.rows), self.cfg
+        z = torch.cat([self._noise(r) for r in part.rows]).to(self.device)
+        pin_mask = torch.zeros(n * S, dtype=torch.bool)
+        pin_vals = torch.zeros(n * S, self.d)
+        scale = torch.empty(n * S, 1)
+        w0 = float(torch.tensor(cfg.guidance).to(torch.bfloat16))  # block-0 vector is bf16
+        for i, r in enumerate(part.rows):
+            if r.block == 0:
+                scale[i * S:(i + 1) * S] = w0 if r.plan.prefix_latents > 0 else 1.0
+                if r.pinned is not None:
+                    m = r.pinned.shape[0]
+                    pin_mask[i * S:i * S + m] = True
+                    pin_vals[i * S:i * S + m] = r.pinned
+            else:
+                scale[i * S:(i + 1) * S] = cfg.guidance
+        has_pins = bool(pin_mask.any())
+        pin_mask, pin_vals = pin_mask.to(self.device), pin_vals.to(self.device)
+        q = _lens([S] * n, self.device)
+        kk = _lens([r.k + S for r in part.rows], self.device)
+        tau = torch.empty(n * S, device=self.device)
+        scale_dev = scale.to(self.device)
+        with torch.no_grad():
+            for step in range(cfg.steps):
+                tau.fill_(self.t_model[step])
+                if has_pins:
+                    tau.masked_fill_(pin_mask, 0.0)
+                    z = torch.where(pin_mask[:, None], pin_vals, z)
+                xin = z.to(torch.bfloat16).float()
+                with self.ctx():
+                    c = self.dit_forward(xin, kk, q, tau, cache=part.cache, update_cache=True)
+                    part.cache.advance(-q)
+                    u = self.dit_forward(xin, q, q, tau)
+                s = scale_dev.to(c.dtype)
+                v = s * (c - u) + u
+                z = z - (v * self.dt[step]).float()
+                if has_pins:
+                    z = torch.where(pin_mask[:, None], pin_vals, z)
+        return z
+
+    def step(self) -> list[RowState]:
+        """Advance every row by one block; return the rows that finished (or failed)."""
+        S, C = self.S, self.C
+        zs: dict[int, torch.Tensor] = {}
+        for part in self.dit_parts:
+            z = self._denoise(part)
+            for i, r in enumerate(part.rows):
+                zs[id(r)] = z[i * S:(i + 1) * S]
+        failed = [r for p in self.dit_parts for r in p.rows
+                  if not bool(torch.isfinite(zs[id(r)]).all())]
+        for r in failed:
+            r.error = ("nan_latents", f"non-finite latents in block {r.block}")
+        logits: dict[int, torch.Tensor] = {}
+        for part in self.vae_parts:
+            n = len(part.rows)
+            z = torch.cat([zs[id(r)] for r in part.rows])
+            kk = _lens([r.k + S for r in part.rows], self.device)
+            with torch.no_grad(), self.ctx():
+                out = self.model.vae.decode(z, kk, _lens([S] * n, self.device),
+                                            cache=part.cache, update_cache=True)
+            out = out.reshape(n, C, -1)
+            for i, r in enumerate(part.rows):
+                logits[id(r)] = out[i]
+        ordered = sorted((r for p in self.dit_parts for r in p.rows), key=lambda r: r.seq)
+        tokens = self._choose(ordered, torch.stack([logits[id(r)] for r in ordered]))
+        finished = self._bookkeep(ordered, tokens, set(map(id, failed)))
+        gone = {id(r) for r in finished}
+        self.remove(gone)
+        self._commit(zs)
+        for r in self.rows:
+            r.k += S
+            r.block += 1
+        return finished
+
+    def _choose(self, rows: list[RowState], logits: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        hist = history_mask([r.history for r in rows], logits.shape[-1], logits.device) \
+            if cfg.sampler.repetition_penalty != 1.0 else None
+        draw = None
+        if not cfg.sampler.greedy:
+            if cfg.reference_noise:
+                assert self.sample_generator is not None
+                draw = reference_draw(self.sample_generator)
+            else:
+                draw = inverse_cdf_draw([rng.generator(rng.row_seed(
+                    rng.TOKENS, cfg.noise_base, r.row_id, r.sample_index, r.block))
+                    for r in rows])
+        with torch.no_grad():
+            return select_tokens(logits, hist, cfg.sampler, draw).cpu()
+
+    def _bookkeep(self, rows: list[RowState], tokens: torch.Tensor,
+                  failed: set[int]) -> list[RowState]:
+        cfg, stops = self.cfg, set(self.cfg.specials.stops)
+        done: list[RowState] = []
+        for i, r in enumerate(rows):
+            if id(r) in failed:
+                done.append(r)
+                continue
+            new = tokens[i].tolist()
+            r.history.extend(new)
+            if cfg.reference_stop:
+                r.stop_flag = r.stop_flag or any(t in stops for t in new)
+                continue
+            gen = r.history[r.plan.trim:]
+            fresh_from = max(0, len(gen) - (len(new) - (r.plan.trim if r.block == 0 else 0)))
+            cut = next((j for j in range(fresh_from, len(gen)) if gen[j] in stops), None)
+            if cut is not None and cut < cfg.max_new_tokens:
+                r.result_tokens, r.finish_reason = gen[:cut], "stop"
+            elif len(gen) >= cfg.max_new_tokens or r.block + 1 >= r.blocks_total:
+                r.result_tokens, r.finish_reason = gen[:cfg.max_new_tokens], "length"
+            else:
+                continue
+            done.append(r)
+        if cfg.reference_stop:
+            live = [r for r in rows if id(r) not in failed]
+            if live and (all(r.stop_flag for r in live)
+                         or all(r.block + 1 >= r.blocks_total for r in live)):
+                for r in live:
+                    r.result_tokens = r.history[min(r.plan.trim, len(r.history)):]
+                    r.finish_reason = "stop" if r.stop_flag else "length"
+                    done.append(r)
+        return done
+
+    def _commit(self, zs: dict[int, torch.Tensor]) -> None:
+        S = self.S
+        for part in self.dit_parts:
+            n = len(part.rows)
+            z = torch.cat([zs[id(r)] for r in part.rows])
+            kk = _lens([r.k + S for r in part.rows], self.device)
+            with torch.no_grad(), self.ctx():
+                self.dit_forward(z.to(torch.bfloat16).float(), kk, _lens([S] * n, self.device),
+                                 torch.zeros(n * S, device=self.device), cache=part.cache,
+                                 update_cache=True)
+        # Decoder caches were appended by the decode itself; nothing else to commit.
