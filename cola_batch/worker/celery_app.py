@@ -46,6 +46,8 @@ def make_app(settings: Settings) -> Celery:
             # ran out (kombu's default scans at most every 10 s).
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
+            # Workers list the interactive queue first; poll queues in that order.
+            "queue_order_strategy": "priority",
         },
         # SIGTERM: stop taking shards, give the running one time to finish; what is still
         # running after that is requeued by the cold shutdown that follows.

@@ -13,13 +13,14 @@ Contract:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import redis
 
 from cola_batch import keys
 from cola_batch.keys import ShardState
-from cola_batch.schemas.job import JobState, JobStatus
+from cola_batch.schemas.job import JobSpec, JobState, JobStatus, ShardTask
 
 COUNTER_FIELDS = (
     "rows_completed",
@@ -74,14 +75,14 @@ class JobStore:
 
     # ------------------------------------------------------------------ creation and reads
 
-    def create(self, status: JobStatus, *, spec_uri: str, queue: str) -> None:
+    def create(self, status: JobStatus, *, job_uri: str, queue: str) -> None:
         """Store a new job's status (state `validating` or later) and index it."""
         created = status.timestamps.get(JobState.VALIDATING) or datetime.now(UTC)
         pipe = self.r.pipeline()
         pipe.delete(*keys.job_keys(status.job_id))
         pipe.hset(keys.job_status_key(status.job_id), mapping=_status_fields(status))
         pipe.hset(
-            keys.job_status_key(status.job_id), mapping={"spec_uri": spec_uri, "queue": queue}
+            keys.job_status_key(status.job_id), mapping={"job_uri": job_uri, "queue": queue}
         )
         pipe.hset(keys.job_counters_key(status.job_id), mapping=dict.fromkeys(COUNTER_FIELDS, 0))
         pipe.zadd(keys.job_index_key(), {status.job_id: created.timestamp()})
@@ -312,3 +313,24 @@ def _status_from_fields(job_id: str, raw: dict[str, str], counters: dict[str, st
         error=raw.get("error"),
         **{name: max(int(counters.get(name, 0)), 0) for name in COUNTER_FIELDS},
     )
+
+
+class RedisJobState:
+    """The producer's `JobStateSink` backed by a `JobStore` (validating → queued | failed)."""
+
+    def __init__(self, store: JobStore, job_uri_of: Callable[[JobSpec], str]) -> None:
+        self.store = store
+        self.job_uri_of = job_uri_of
+
+    def job_validating(self, spec: JobSpec) -> None:
+        status = JobStatus.new(spec.job_id)
+        self.store.create(status, job_uri=self.job_uri_of(spec), queue=spec.queue)
+
+    def job_created(self, spec: JobSpec, tasks: Sequence[ShardTask]) -> None:
+        self.store.set_totals(
+            spec.job_id, rows_total=spec.samples_total or 0, shards_total=len(tasks)
+        )
+        self.store.transition(spec.job_id, JobState.QUEUED)
+
+    def job_invalid(self, spec: JobSpec, error: str) -> None:
+        self.store.transition(spec.job_id, JobState.FAILED, error=error)
