@@ -100,8 +100,11 @@ class RunningBatch:
     def __init__(self, model: ColaModel, cfg: RunConfig, device: torch.device,
                  autocast: bool, grouped_dit: bool,
                  sample_generator: torch.Generator | None = None,
-                 dit_forward: Callable[..., torch.Tensor] | None = None) -> None:
+                 dit_forward: Callable[..., torch.Tensor] | None = None,
+                 trace: Callable[[RowState, torch.Tensor, torch.Tensor], None] | None = None
+                 ) -> None:
         self.model, self.cfg, self.device = model, cfg, device
+        self.trace = trace
         self.autocast, self.grouped_dit = autocast, grouped_dit
         self.dit_forward = dit_forward or model.dit
         self.sample_generator = sample_generator
@@ -257,6 +260,9 @@ class RunningBatch:
             for i, r in enumerate(part.rows):
                 logits[id(r)] = out[i]
         ordered = sorted((r for p in self.dit_parts for r in p.rows), key=lambda r: r.seq)
+        if self.trace is not None:
+            for r in ordered:
+                self.trace(r, zs[id(r)], logits[id(r)])
         tokens = self._choose(ordered, torch.stack([logits[id(r)] for r in ordered]))
         finished = self._bookkeep(ordered, tokens, set(map(id, failed)))
         gone = {id(r) for r in finished}

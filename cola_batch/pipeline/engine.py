@@ -97,6 +97,8 @@ class Engine:
             self._dit_forward = torch.compile(model.dit, dynamic=True)
         # Test seam: pretend a batch of more than this many rows runs out of memory.
         self.fail_batches_over: int | None = None
+        # Observer of every finished block: (row state, latents (S, d), logits (C, V)).
+        self.trace: Callable[[RowState, torch.Tensor, torch.Tensor], None] | None = None
 
     # ------------------------------------------------------------------ rows
     def _error(self, req: RowRequest, code: str, msg: str, seed: int,
@@ -206,7 +208,7 @@ class Engine:
             while waiting:
                 batch = RunningBatch(self.model, cfg, self.device, autocast,
                                      grouped_dit=not explicit_core, sample_generator=gen,
-                                     dit_forward=self._dit_forward)
+                                     dit_forward=self._dit_forward, trace=self.trace)
                 admitted: list[RowState] = []
                 try:
                     while waiting or len(batch):
