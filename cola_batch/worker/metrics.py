@@ -392,6 +392,8 @@ def start_metrics_server(
         server_class=_ThreadingServer,
         handler_class=_QuietHandler,
     )
-    thread = threading.Thread(target=server.serve_forever, name="cola-metrics", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, args=(0.2,), name="cola-metrics", daemon=True
+    )
     thread.start()
     return MetricsServer(server, thread)
