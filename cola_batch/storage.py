@@ -271,7 +271,11 @@ def with_retries(op: str, uri: str, fn: Callable[[], T], retry: RetryPolicy | No
     policy = _policy(retry)
     retrying = Retrying(
         stop=stop_after_attempt(policy.retries + 1),
-        wait=wait_exponential_jitter(initial=policy.backoff_initial_s, max=policy.backoff_max_s),
+        wait=wait_exponential_jitter(
+            multiplier=policy.backoff_initial_s,
+            max=policy.backoff_max_s,
+            jitter=policy.backoff_initial_s,
+        ),
         retry=retry_if_exception(is_transient),
         before_sleep=_log_retry(op, uri),
         reraise=True,
