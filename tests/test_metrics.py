@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from services import free_port
 
+from cola_batch.settings import Settings
 from cola_batch.worker import metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +145,22 @@ def test_worker_counters_move_on_scrape_after_shards() -> None:
     previous = value(before, "cola_batch_tokens_per_second") or None
     expected = metrics.ewma(previous, 50.0, metrics.TOKENS_PER_SECOND_ALPHA)
     assert rate == pytest.approx(expected)
+
+
+def test_worker_endpoint_serves_its_counters_and_the_queue_gauges(redis_url: str) -> None:
+    settings = Settings(redis_url=redis_url, metrics_port=free_port())
+    producer(redis_url).send_task("x", args=[1], queue="wq")
+    server = metrics.serve_worker_metrics(settings, queues=["wq"])
+    try:
+        assert server is not None
+        assert metrics.serve_worker_metrics(settings, queues=["wq"]) is server  # once only
+        metrics.observe_shard("wq", 1.0, rows_ok=1, rows_failed=0, completion_tokens=1)
+        samples = scrape(f"http://127.0.0.1:{settings.metrics_port}/metrics")
+    finally:
+        metrics.stop_worker_metrics()
+    assert value(samples, "cola_batch_backlog_shards", queue="wq") == 1
+    assert (value(samples, "cola_batch_rows_total", queue="wq", status="ok") or 0) >= 1
+    assert metrics.serve_worker_metrics(Settings(redis_url=redis_url), queues=["wq"]) is None
 
 
 def test_gpu_memory_is_silent_without_an_initialised_cuda_context() -> None:

@@ -37,6 +37,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from cola_batch.settings import Settings
+
 log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry()
@@ -397,3 +399,46 @@ def start_metrics_server(
     )
     thread.start()
     return MetricsServer(server, thread)
+
+
+# ---------------------------------------------------------------------- worker wiring
+
+_worker_lock = threading.Lock()
+_worker_server: MetricsServer | None = None
+_worker_queues: QueueCollector | None = None
+
+
+def serve_worker_metrics(
+    settings: Settings, *, queues: list[str], port_offset: int = 0
+) -> MetricsServer | None:
+    """Start this worker process's endpoint once: its instruments plus the queue gauges.
+
+    Call it in the process that runs shards (after fork, after the model loaded: the
+    Kubernetes startup probe reads /metrics as "model loaded"). `port_offset` separates the
+    processes of one host (one per GPU). None when `settings.metrics_port` is unset.
+    """
+    global _worker_server, _worker_queues
+    if settings.metrics_port is None:
+        return None
+    with _worker_lock:
+        if _worker_server is not None:
+            return _worker_server
+        url = settings.redis_url_value()
+        if url and queues:
+            _worker_queues = register_queue_collector(url, queues)
+        token = settings.api_token.get_secret_value() if settings.api_token else None
+        _worker_server = start_metrics_server(settings.metrics_port + port_offset, token=token)
+        return _worker_server
+
+
+def stop_worker_metrics() -> None:
+    """Stop the endpoint `serve_worker_metrics` started and drop its queue collector."""
+    global _worker_server, _worker_queues
+    with _worker_lock:
+        if _worker_server is not None:
+            _worker_server.shutdown()
+            _worker_server = None
+        if _worker_queues is not None:
+            REGISTRY.unregister(_worker_queues)
+            _worker_queues.close()
+            _worker_queues = None
