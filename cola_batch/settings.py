@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     batch_tokens: int = Field(
         4096, gt=0, description="Token budget of one generation micro-batch in a worker."
     )
+    max_context: int = Field(
+        8192,
+        gt=0,
+        description="Longest sequence (prompt + generation, in tokens) a worker accepts; "
+        "longer rows get error_code prompt_too_long.",
+    )
 
     @model_validator(mode="after")
     def _distinct_queues(self) -> Settings:

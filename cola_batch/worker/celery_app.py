@@ -14,6 +14,7 @@ Contract:
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery import Celery, signals
@@ -77,6 +78,19 @@ def _load_model_in_child(**_: Any) -> None:
     from cola_batch.worker.holder import preload_from_env
 
     preload_from_env()
+    _serve_metrics()
+
+
+def _serve_metrics() -> None:
+    """Metrics are served by the process that runs shards, after its model has loaded."""
+    from cola_batch.worker.metrics import serve_worker_metrics
+
+    settings = get_settings()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    offset = int(visible) if visible.isdigit() else 0  # one port per GPU on a shared host
+    serve_worker_metrics(
+        settings, queues=[settings.queue_interactive, settings.queue_batch], port_offset=offset
+    )
 
 
 @signals.worker_init.connect
@@ -87,3 +101,4 @@ def _load_model_in_solo(sender: Any = None, **_: Any) -> None:
         from cola_batch.worker.holder import preload_from_env
 
         preload_from_env()
+        _serve_metrics()

@@ -90,9 +90,8 @@ def maybe_finalize(store: JobStore, job_id: str, job_uri: str) -> bool:
     if not store.acquire_finaliser(job_id, owner):
         return False
     try:
-        store.transition(
-            job_id, JobState.FINALIZING, only_from={JobState.QUEUED, JobState.IN_PROGRESS}
-        )
+        store.mark_running(job_id)  # a job rebuilt by `resume` may still say queued
+        store.transition(job_id, JobState.FINALIZING, only_from={JobState.IN_PROGRESS})
         status = store.get(job_id)
         if status is None or status.state is not JobState.FINALIZING:
             return False

@@ -55,7 +55,12 @@ def model_sha256(root: str | Path) -> str:
 
 
 def load(
-    root: str, *, device: str = "auto", dtype: str = "bf16", batch_tokens: int = 4096
+    root: str,
+    *,
+    device: str = "auto",
+    dtype: str = "bf16",
+    batch_tokens: int = 4096,
+    max_context: int = 8192,
 ) -> LoadedModel:
     from cola_batch.model.checkpoint import load_model
     from cola_batch.pipeline.engine import Engine
@@ -63,8 +68,13 @@ def load(
     device = resolve_device(device)
     started = time.perf_counter()
     model = load_model(root, device=device)
-    engine = Engine(model, device=device, dtype=dtype, batch_tokens=batch_tokens)
+    engine = Engine(
+        model, device=device, dtype=dtype, batch_tokens=batch_tokens, max_context=max_context
+    )
     seconds = time.perf_counter() - started
+    from cola_batch.worker.metrics import set_model_load_seconds
+
+    set_model_load_seconds(seconds)
     log.info("model %s loaded on %s in %.1f s", root, device, seconds)
     return LoadedModel(root, engine, device, seconds, model_sha256(root))
 
@@ -84,6 +94,7 @@ def get_loaded() -> LoadedModel:
                 device=settings.worker_device,
                 dtype=settings.worker_dtype,
                 batch_tokens=settings.batch_tokens,
+                max_context=settings.max_context,
             )
         return _loaded
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import socket
 import time
 from collections import OrderedDict
@@ -32,6 +33,7 @@ from cola_batch import keys, storage
 from cola_batch.schemas.arrow import OUTPUT_SCHEMA, output_table, with_provenance
 from cola_batch.schemas.job import ErrorCode, JobSpec, OutputRow, ShardTask
 from cola_batch.settings import get_settings
+from cola_batch.worker import metrics
 from cola_batch.worker.finalize import maybe_finalize
 from cola_batch.worker.state import JobStore
 
@@ -78,9 +80,19 @@ def run_shard_task(payload: dict[str, Any]) -> dict[str, Any]:
         reason = f"shard was delivered {attempt - 1} times without committing (worker lost)"
         return _dead_letter(store, spec, task, reason)
     store.mark_running(job_id)
+    started = time.monotonic()
+    metrics.shard_started(spec.queue)
     try:
         rows = _generate(spec, task)
-        record = commit_shard(store, spec, task, rows, attempt=attempt)
+        commit_shard(store, spec, task, rows, attempt=attempt)
+        ok = [r for r in rows if r.ok]
+        metrics.observe_shard(
+            spec.queue,
+            time.monotonic() - started,
+            len(ok),
+            len(rows) - len(ok),
+            sum(r.completion_tokens or 0 for r in ok),
+        )
     except Exception as exc:  # noqa: BLE001 - any failure is retried, then dead-lettered
         if attempt >= settings.max_attempts:
             log.exception(
@@ -103,8 +115,10 @@ def run_shard_task(payload: dict[str, Any]) -> dict[str, Any]:
             task.model_copy(update={"attempt": attempt}), queue=spec.queue, countdown=delay
         )
         return {"outcome": "retrying"}
+    finally:
+        metrics.shard_finished(spec.queue)
     maybe_finalize(store, job_id, task.job_uri)
-    return {"outcome": "committed", "rows": record["rows"]}
+    return {"outcome": "committed", "rows": len(rows)}
 
 
 # ---------------------------------------------------------------------- generation
@@ -242,6 +256,7 @@ def commit_shard(
         "errors": errors_uri if failed else None,
         "committed_at": datetime.now(UTC).isoformat(),
         "worker": socket.gethostname(),
+        "pid": os.getpid(),
     }
     record_uri = keys.commit_record_uri(job, task.shard_id, task.generation)
     body = json.dumps(record, sort_keys=True, indent=1).encode()
@@ -276,6 +291,7 @@ def _dead_letter(store: JobStore, spec: JobSpec, task: ShardTask, reason: str) -
         for sample in range(spec.sampling.samples_per_prompt)
     ]
     commit_shard(store, spec, task, rows, attempt=0, dead=True)
+    metrics.observe_shard(spec.queue, time.monotonic() - started, 0, len(rows), 0)
     log.error("job %s shard %d dead-lettered (%s)", task.job_id, task.shard_id, reason)
     maybe_finalize(store, task.job_id, task.job_uri)
     return {"outcome": "dead", "seconds": time.monotonic() - started}

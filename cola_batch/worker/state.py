@@ -81,9 +81,7 @@ class JobStore:
         pipe = self.r.pipeline()
         pipe.delete(*keys.job_keys(status.job_id))
         pipe.hset(keys.job_status_key(status.job_id), mapping=_status_fields(status))
-        pipe.hset(
-            keys.job_status_key(status.job_id), mapping={"job_uri": job_uri, "queue": queue}
-        )
+        pipe.hset(keys.job_status_key(status.job_id), mapping={"job_uri": job_uri, "queue": queue})
         pipe.hset(keys.job_counters_key(status.job_id), mapping=dict.fromkeys(COUNTER_FIELDS, 0))
         pipe.zadd(keys.job_index_key(), {status.job_id: created.timestamp()})
         pipe.execute()
