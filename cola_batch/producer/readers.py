@@ -107,7 +107,8 @@ def _check_column(uri: str, schema: pa.Schema, column: str, role: str, ok_ints: 
             file=uri,
             column=column,
             code="missing_column",
-            hint=f"name the {role} column with {flag}",
+            hint=f"name the {role} column with {flag}"
+            + (" (or --id-column '' to number rows by position)" if role == "id" else ""),
         )
     kind = schema.field(column).type
     if _is_text(kind) or (ok_ints and pa.types.is_integer(kind)):

@@ -112,7 +112,10 @@ def new_job_spec(
 def stage_inputs(
     spec: JobSpec, settings: Settings, retry: storage.RetryPolicy | None = None
 ) -> tuple[JobSpec, list[ShardTask]]:
-    """Validate and stage every input; return the spec with counts, and the shard tasks."""
+    """Validate and stage every input; return the spec with counts, and the shard tasks.
+
+    For a new job only: on failure it deletes the job's `inputs/` prefix.
+    """
     job = keys.job_uri(spec.output, spec.job_id)
     rejected = RejectedRows()
     stager: Stager | None = None
