@@ -9,12 +9,20 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "TextVAEConfig": "config", "DiTConfig": "config", "ConfigError": "config",
+    "TextVAEConfig": "config",
+    "DiTConfig": "config",
+    "ConfigError": "config",
     "KVCache": "cache",
-    "TextVAE": "vae", "DiT": "dit",
-    "ColaModel": "checkpoint", "CheckpointError": "checkpoint", "load_model": "checkpoint",
-    "load_vae": "checkpoint", "load_dit": "checkpoint", "save_model": "checkpoint",
-    "save_vae": "checkpoint", "save_dit": "checkpoint",
+    "TextVAE": "vae",
+    "DiT": "dit",
+    "ColaModel": "checkpoint",
+    "CheckpointError": "checkpoint",
+    "load_model": "checkpoint",
+    "load_vae": "checkpoint",
+    "load_dit": "checkpoint",
+    "save_model": "checkpoint",
+    "save_vae": "checkpoint",
+    "save_dit": "checkpoint",
     "build_preset": "presets",
 }
 

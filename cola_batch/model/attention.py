@@ -54,9 +54,16 @@ class AttentionPlan:
     max_k: int
 
     @staticmethod
-    def build(k_lens: torch.Tensor | list[int], q_lens: torch.Tensor | list[int], rows: int,
-              block_size: int, device: torch.device, cache: KVCache | None = None,
-              update_cache: bool = False, block_causal: bool = True) -> AttentionPlan:
+    def build(
+        k_lens: torch.Tensor | list[int],
+        q_lens: torch.Tensor | list[int],
+        rows: int,
+        block_size: int,
+        device: torch.device,
+        cache: KVCache | None = None,
+        update_cache: bool = False,
+        block_causal: bool = True,
+    ) -> AttentionPlan:
         k = as_lengths(k_lens, "k_lens")
         q = as_lengths(q_lens, "q_lens")
         if k.shape != q.shape:
@@ -70,8 +77,10 @@ class AttentionPlan:
         else:
             cached = torch.zeros(batch, dtype=torch.long)
         if not torch.equal(k, cached + q):
-            raise ValueError(f"k_lens {k.tolist()} must equal cached lengths {cached.tolist()} "
-                             f"+ q_lens {q.tolist()}")
+            raise ValueError(
+                f"k_lens {k.tolist()} must equal cached lengths {cached.tolist()} "
+                f"+ q_lens {q.tolist()}"
+            )
         if cache is None or (cache.is_empty() and not update_cache):
             mode = "new"
         else:
@@ -102,16 +111,28 @@ class AttentionPlan:
 
         if block_causal:
             allowed = k_valid[:, None, :] & (
-                (q_slot_pos // block_size)[:, :, None] >= (k_pos // block_size)[:, None, :])
+                (q_slot_pos // block_size)[:, :, None] >= (k_pos // block_size)[:, None, :]
+            )
             # Padded query rows are discarded; letting them see every key avoids NaN rows.
             allowed = allowed | ~q_valid[:, :, None]
             mask, flat_keys = allowed[:, None].to(device), None
         else:
             mask, flat_keys = None, k_valid.to(device)
         return AttentionPlan(
-            batch=batch, rows_b=rows_b.to(device), rows_j=rows_j.to(device),
-            q_pos=q_pos.to(device), max_q=max_q, cached=cached, q_lens=q, k_lens=k, mode=mode,
-            mask=mask, flat_keys=flat_keys, cache=cache, max_k=max_k)
+            batch=batch,
+            rows_b=rows_b.to(device),
+            rows_j=rows_j.to(device),
+            q_pos=q_pos.to(device),
+            max_q=max_q,
+            cached=cached,
+            q_lens=q,
+            k_lens=k,
+            mode=mode,
+            mask=mask,
+            flat_keys=flat_keys,
+            cache=cache,
+            max_k=max_k,
+        )
 
     def finish(self) -> None:
         """Advance the cache lengths after every layer has appended its rows."""
@@ -124,8 +145,9 @@ class AttentionPlan:
         out[self.rows_b, self.rows_j] = flat
         return out
 
-    def keys_values(self, layer: int, k_new: torch.Tensor,
-                    v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(
+        self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded (B, Nk, heads, Dh) keys/values of this layer in the plan's key layout."""
         if self.mode == "new":
             return self._pad(k_new), self._pad(v_new)
@@ -146,8 +168,14 @@ class AttentionPlan:
         vc = vc.to(v_new.dtype)
         return torch.cat([kc, self._pad(k_new)], 1), torch.cat([vc, self._pad(v_new)], 1)
 
-    def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-               reference_numerics: bool = False) -> torch.Tensor:
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        reference_numerics: bool = False,
+    ) -> torch.Tensor:
         """q (ΣQ, H, Dh), k/v (ΣQ, Hk, Dh) -> (ΣQ, H, Dh) attention output (rows in order)."""
         keys, values = self.keys_values(layer, k_new, v_new)
         heads = q.shape[1]
@@ -164,8 +192,14 @@ class AttentionPlan:
         return out.transpose(1, 2)[self.rows_b, self.rows_j]
 
 
-def _core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-          heads: int, reference_numerics: bool) -> torch.Tensor:
+def _core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    heads: int,
+    reference_numerics: bool,
+) -> torch.Tensor:
     if k.shape[1] != heads:  # MQA: one K/V head broadcast to every query head
         k = k.expand(-1, heads, -1, -1)
         v = v.expand(-1, heads, -1, -1)
@@ -177,8 +211,9 @@ def _core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def reference_bf16_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        mask: torch.Tensor | None) -> torch.Tensor:
+def reference_bf16_core(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
     """The reference DiT's attention core as it runs on CPU: bf16 matmuls and softmax (§3.7).
 
     Scores are scaled in the input precision, rounded to bf16, multiplied with fp32
@@ -221,8 +256,9 @@ class RopeTable:
         self._sin: torch.Tensor | None = None
         self._key: tuple | None = None
 
-    def lookup(self, freqs: torch.Tensor, positions: torch.Tensor,
-               repeat: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(
+        self, freqs: torch.Tensor, positions: torch.Tensor, repeat: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, F') cos and sin for `positions`; `repeat` 'cat' -> [φ|φ], 'pairs' -> φ0 φ0 φ1 φ1."""
         needed = int(positions.max()) + 1 if positions.numel() else 1
         key = (id(freqs), freqs._version, freqs.device, repeat)

@@ -75,8 +75,15 @@ class KVCache:
         elif self._lengths.numel() != batch_size:
             raise ValueError(f"cache holds {self._lengths.numel()} samples, call has {batch_size}")
 
-    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor,
-              rows_b: torch.Tensor, rows_pos: torch.Tensor, new_max: int) -> None:
+    def write(
+        self,
+        layer: int,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        rows_b: torch.Tensor,
+        rows_pos: torch.Tensor,
+        new_max: int,
+    ) -> None:
         """Store flat rows (N, heads, head_dim) of `layer` at (sample rows_b, position rows_pos).
 
         `new_max` is the largest length after the write. The caller advances the lengths once
@@ -84,8 +91,13 @@ class KVCache:
         """
         k, v = self._k[layer], self._v[layer]
         batch = self._lengths.numel()
-        if k is None or v is None or k.shape[1] < new_max or k.dtype != k_new.dtype \
-                or v.dtype != v_new.dtype:
+        if (
+            k is None
+            or v is None
+            or k.shape[1] < new_max
+            or k.dtype != k_new.dtype
+            or v.dtype != v_new.dtype
+        ):
             capacity = max(_MIN_CAPACITY, new_max, 2 * (k.shape[1] if k is not None else 0))
             k2 = k_new.new_zeros((batch, capacity, *k_new.shape[1:]))
             v2 = v_new.new_zeros((batch, capacity, *v_new.shape[1:]))

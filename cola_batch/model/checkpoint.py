@@ -36,8 +36,12 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 VAE_DIR, DIT_DIR, TOKENIZER = "cola_vae", "cola_dit", "tokenizer.json"
 DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
 }
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -89,17 +93,18 @@ def _open_all(folder: Path, stack: ExitStack, device: str) -> dict[str, Any]:
         if not path.exists():
             raise CheckpointError(f"{path}: weight file missing")
         try:
-            handles[path] = stack.enter_context(safe_open(str(path), framework="pt",
-                                                          device=device))
+            handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device=device))
         except Exception as exc:  # noqa: BLE001 - safetensors raises several error types
-            raise CheckpointError(f"{path}: unreadable or truncated safetensors file "
-                                  f"({exc})") from exc
+            raise CheckpointError(
+                f"{path}: unreadable or truncated safetensors file ({exc})"
+            ) from exc
     out: dict[str, Any] = {}
     for path, handle in handles.items():
         for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
             if files and files.get(key) != path:
-                raise CheckpointError(f"{path}: tensor {key!r} is not mapped to this shard "
-                                      f"in {INDEX}")
+                raise CheckpointError(
+                    f"{path}: tensor {key!r} is not mapped to this shard in {INDEX}"
+                )
             out[key] = (handle, path)
     missing_from_shards = set(files) - set(out)
     if missing_from_shards:
@@ -108,27 +113,28 @@ def _open_all(folder: Path, stack: ExitStack, device: str) -> dict[str, Any]:
     return out
 
 
-def _load_into(model: nn.Module, folder: Path, dtype: torch.dtype,
-               device: torch.device) -> None:
+def _load_into(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.device) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     with ExitStack() as stack:
         sources = _open_all(folder, stack, "cpu" if device.type == "meta" else str(device))
         missing = sorted(set(expected) - set(sources))
         unexpected = sorted(set(sources) - set(expected))
         if missing:
-            raise CheckpointError(f"{folder}: missing tensor(s) {missing[:5]}"
-                                  + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+            raise CheckpointError(
+                f"{folder}: missing tensor(s) {missing[:5]}"
+                + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            )
         if unexpected:
-            raise CheckpointError(f"{folder}: unexpected tensor(s) {unexpected[:5]}"
-                                  + (f" and {len(unexpected) - 5} more"
-                                     if len(unexpected) > 5 else ""))
+            raise CheckpointError(
+                f"{folder}: unexpected tensor(s) {unexpected[:5]}"
+                + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+            )
         state: dict[str, torch.Tensor] = {}
         for key, shape in expected.items():
             handle, path = sources[key]
             got = tuple(handle.get_slice(key).get_shape())
             if got != shape:
-                raise CheckpointError(f"{path}: tensor {key!r} has shape {got}, "
-                                      f"expected {shape}")
+                raise CheckpointError(f"{path}: tensor {key!r} has shape {got}, expected {shape}")
             try:
                 tensor = handle.get_tensor(key)
             except Exception as exc:  # noqa: BLE001
@@ -154,8 +160,9 @@ def _read_config(cls: type, folder: Path) -> Any:
         raise CheckpointError(f"{path}: {exc}") from exc
 
 
-def _build(cls: type, cfg: Any, folder: Path, dtype: str | torch.dtype,
-           device: str | torch.device) -> Any:
+def _build(
+    cls: type, cfg: Any, folder: Path, dtype: str | torch.dtype, device: str | torch.device
+) -> Any:
     dev = torch.device(device)
     with torch.device("meta"):
         model = cls(cfg)
@@ -164,14 +171,22 @@ def _build(cls: type, cfg: Any, folder: Path, dtype: str | torch.dtype,
     return model.eval().requires_grad_(False)
 
 
-def load_vae(folder: str | Path, *, dtype: str | torch.dtype = torch.float32,
-             device: str | torch.device = "cpu") -> TextVAE:
+def load_vae(
+    folder: str | Path,
+    *,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> TextVAE:
     folder = Path(folder)
     return _build(TextVAE, _read_config(TextVAEConfig, folder), folder, dtype, device)
 
 
-def load_dit(folder: str | Path, *, dtype: str | torch.dtype = torch.float32,
-             device: str | torch.device = "cpu") -> DiT:
+def load_dit(
+    folder: str | Path,
+    *,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> DiT:
     folder = Path(folder)
     return _build(DiT, _read_config(DiTConfig, folder), folder, dtype, device)
 
@@ -183,15 +198,20 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise CheckpointError(f"{path}: unreadable tokenizer ({exc})") from exc
 
 
-def load_model(root: str | Path, *, dtype: str | torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> ColaModel:
+def load_model(
+    root: str | Path,
+    *,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> ColaModel:
     root = Path(root)
     tok_path = root / TOKENIZER
     return ColaModel(
         vae=load_vae(root / VAE_DIR, dtype=dtype, device=device),
         dit=load_dit(root / DIT_DIR, dtype=dtype, device=device),
         tokenizer=load_tokenizer(tok_path) if tok_path.exists() else None,
-        root=root)
+        root=root,
+    )
 
 
 # ---------------------------------------------------------------------- saving
@@ -216,8 +236,9 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str
         yield shard
 
 
-def save_module(model: TextVAE | DiT, folder: str | Path,
-                max_shard_bytes: int | None = None) -> None:
+def save_module(
+    model: TextVAE | DiT, folder: str | Path, max_shard_bytes: int | None = None
+) -> None:
     """config.json + model.safetensors (or shards with an index when over max_shard_bytes)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

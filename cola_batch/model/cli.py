@@ -21,8 +21,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Create, inspect and verify Cola DLM checkpoints.")
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Create, inspect and verify Cola DLM checkpoints.",
+)
 console = Console()
 
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -50,8 +53,12 @@ def init(
         for col in ("model", "tensors", "parameters", "bytes"):
             table.add_column(col, justify="right" if col != "model" else "left")
         for name, model in (("vae", vae), ("dit", dit)):
-            table.add_row(name, str(len(model.state_dict())), f"{counts[name]:,}",
-                          f"{counts[name] * _DTYPE_BYTES[dtype]:,}")
+            table.add_row(
+                name,
+                str(len(model.state_dict())),
+                f"{counts[name]:,}",
+                f"{counts[name] * _DTYPE_BYTES[dtype]:,}",
+            )
         total = counts["vae"] + counts["dit"]
         table.add_row("total", "", f"{total:,}", f"{total * _DTYPE_BYTES[dtype]:,}")
         console.print(table)
@@ -99,8 +106,15 @@ def _describe_folder(folder: Path) -> dict[str, Any]:
         hashes[str(path.relative_to(folder))] = _sha256(path)
     if (folder / INDEX).exists():
         hashes[INDEX] = _sha256(folder / INDEX)
-    return {"folder": str(folder), "model_type": config.get("model_type"), "config": config,
-            "tensors": tensors, "parameters": params, "dtypes": dtypes, "sha256": hashes}
+    return {
+        "folder": str(folder),
+        "model_type": config.get("model_type"),
+        "config": config,
+        "tensors": tensors,
+        "parameters": params,
+        "dtypes": dtypes,
+        "sha256": hashes,
+    }
 
 
 @app.command()
@@ -123,8 +137,11 @@ def inspect(
     if tok.exists():
         from tokenizers import Tokenizer
 
-        tokenizer = {"path": str(tok), "vocab_size": Tokenizer.from_file(str(tok))
-                     .get_vocab_size(), "sha256": _sha256(tok)}
+        tokenizer = {
+            "path": str(tok),
+            "vocab_size": Tokenizer.from_file(str(tok)).get_vocab_size(),
+            "sha256": _sha256(tok),
+        }
     if as_json:
         typer.echo(json.dumps({"models": info, "tokenizer": tokenizer}, indent=2))
         return
@@ -156,19 +173,24 @@ def verify(
     results = run_checks(golden_dir, group or None)
     ok = bool(results) and all(r.passed for r in results)
     if as_json:
-        typer.echo(json.dumps({"passed": ok, "checks": [r.to_dict() for r in results]},
-                              indent=2))
+        typer.echo(json.dumps({"passed": ok, "checks": [r.to_dict() for r in results]}, indent=2))
     else:
         table = Table(title=f"verify {golden_dir}")
         for col in ("check", "max abs diff", "tolerance", "result"):
             table.add_column(col)
         for r in results:
-            table.add_row(r.name, f"{r.max_abs_diff:.3e}", f"{r.tolerance:.0e}",
-                          "[green]pass" if r.passed else f"[red]FAIL[/red] {r.detail}")
+            table.add_row(
+                r.name,
+                f"{r.max_abs_diff:.3e}",
+                f"{r.tolerance:.0e}",
+                "[green]pass" if r.passed else f"[red]FAIL[/red] {r.detail}",
+            )
         console.print(table)
         for r in results:
             if not r.passed:
-                typer.echo(f"FAIL {r.name}: max abs diff {r.max_abs_diff:.3e} > "
-                           f"{r.tolerance:.0e} {r.detail}")
+                typer.echo(
+                    f"FAIL {r.name}: max abs diff {r.max_abs_diff:.3e} > "
+                    f"{r.tolerance:.0e} {r.detail}"
+                )
         console.print("[green]all checks passed" if ok else "[red]verification failed")
     raise typer.Exit(0 if ok else 1)

@@ -152,12 +152,31 @@ class TextVAEConfig(_ConfigIO):
         return self.dim // self.shared_heads_kv
 
     def validate(self) -> TextVAEConfig:
-        for name in ("vocab_size", "encoder_num_blocks", "decoder_num_blocks", "dim", "ffn_dim",
-                     "latent_dim", "patch_size", "num_heads", "shared_heads_kv", "block_size"):
+        for name in (
+            "vocab_size",
+            "encoder_num_blocks",
+            "decoder_num_blocks",
+            "dim",
+            "ffn_dim",
+            "latent_dim",
+            "patch_size",
+            "num_heads",
+            "shared_heads_kv",
+            "block_size",
+        ):
             _check_int(self, name, 0 if name.endswith("num_blocks") else 1)
-        for name in ("encoder_last_ln", "layer_norm_affine", "post_norm", "qk_bias", "qk_norm",
-                     "qk_norm_affine", "rope_full_precision", "bias", "block_causal",
-                     "use_variation"):
+        for name in (
+            "encoder_last_ln",
+            "layer_norm_affine",
+            "post_norm",
+            "qk_bias",
+            "qk_norm",
+            "qk_norm_affine",
+            "rope_full_precision",
+            "bias",
+            "block_causal",
+            "use_variation",
+        ):
             _check_bool(self, name)
         _check_positive(self, "layer_norm_eps")
         _check_positive(self, "rope_theta")
@@ -168,10 +187,12 @@ class TextVAEConfig(_ConfigIO):
         if self.shared_heads_kv not in (1, self.num_heads):
             raise ConfigError(
                 f"shared_heads_kv: must be 1 or num_heads ({self.num_heads}); the reference "
-                f"crashes for {self.shared_heads_kv}")
+                f"crashes for {self.shared_heads_kv}"
+            )
         if self.layer_norm_type != "layer_norm":
-            raise ConfigError(f"layer_norm_type: only 'layer_norm' is supported, "
-                              f"got {self.layer_norm_type!r}")
+            raise ConfigError(
+                f"layer_norm_type: only 'layer_norm' is supported, got {self.layer_norm_type!r}"
+            )
         if self.act not in ("swiglu", "silu", "gelu"):
             raise ConfigError(f"act: expected swiglu, silu or gelu, got {self.act!r}")
         if self.act == "swiglu" and self.ffn_dim % 2:
@@ -213,8 +234,18 @@ class DiTConfig(_ConfigIO):
         return self.heads * self.head_dim
 
     def validate(self) -> DiTConfig:
-        for name in ("txt_in_channels", "txt_out_channels", "txt_dim", "emb_dim", "heads",
-                     "head_dim", "expand_ratio", "num_layers", "patch_size", "block_size"):
+        for name in (
+            "txt_in_channels",
+            "txt_out_channels",
+            "txt_dim",
+            "emb_dim",
+            "heads",
+            "head_dim",
+            "expand_ratio",
+            "num_layers",
+            "patch_size",
+            "block_size",
+        ):
             _check_int(self, name, 0 if name == "num_layers" else 1)
         _check_int(self, "rope_dim", 0)
         _check_bool(self, "qk_bias")
@@ -222,8 +253,9 @@ class DiTConfig(_ConfigIO):
         if self.emb_dim != self.txt_dim:
             raise ConfigError(f"emb_dim: must equal txt_dim ({self.txt_dim}), got {self.emb_dim}")
         if self.patch_size != 1:
-            raise ConfigError(f"patch_size: only 1 is coherent in the reference, "
-                              f"got {self.patch_size}")
+            raise ConfigError(
+                f"patch_size: only 1 is coherent in the reference, got {self.patch_size}"
+            )
         if self.rope_dim > self.head_dim:
             raise ConfigError(f"rope_dim: {self.rope_dim} exceeds head_dim {self.head_dim}")
         return self

@@ -32,7 +32,7 @@ ROPE_THETA = 10000.0
 def default_rope_freqs(rope_dim: int) -> torch.Tensor:
     """1 / 10000^(2j/R) for j < R//2, in fp32 — the value the reference initialises."""
     exponent = torch.arange(0, rope_dim, 2)[: rope_dim // 2].float() / rope_dim
-    return 1.0 / (ROPE_THETA ** exponent)
+    return 1.0 / (ROPE_THETA**exponent)
 
 
 def timestep_sinusoid(t: torch.Tensor) -> torch.Tensor:
@@ -79,8 +79,9 @@ class DiTAttention(nn.Module):
             rot = rot * cos + rotate_pairs(rot) * sin
             return torch.cat([rot, xf[..., width:]], dim=-1).to(x.dtype)
 
-    def forward(self, h: torch.Tensor, plan: AttentionPlan, layer: int,
-                reference_numerics: bool) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, plan: AttentionPlan, layer: int, reference_numerics: bool
+    ) -> torch.Tensor:
         rows = h.shape[0]
         q, k, v = self.proj_qkv(h).reshape(rows, 3, self.heads, self.head_dim).unbind(1)
         q = self.norm_q(q)
@@ -122,8 +123,15 @@ class DiTBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.ada = AdaLN(d, {"msa_in": 2 * d, "msa_out": d, "mlp_in": 2 * d, "mlp_out": d})
 
-    def forward(self, x: torch.Tensor, e_silu: torch.Tensor, expand: torch.Tensor | None,
-                plan: AttentionPlan, layer: int, reference_numerics: bool) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        e_silu: torch.Tensor,
+        expand: torch.Tensor | None,
+        plan: AttentionPlan,
+        layer: int,
+        reference_numerics: bool,
+    ) -> torch.Tensor:
         d = x.shape[-1]
 
         def mod(name: str) -> torch.Tensor:
@@ -179,8 +187,9 @@ class DiT(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_layers)
 
-    def _timesteps(self, timestep: float | torch.Tensor, x: torch.Tensor,
-                   batch: int) -> tuple[torch.Tensor, bool]:
+    def _timesteps(
+        self, timestep: float | torch.Tensor, x: torch.Tensor, batch: int
+    ) -> tuple[torch.Tensor, bool]:
         """-> (t rows, per_sample flag), following the reference's normalisation (§3.4)."""
         rows = x.shape[0]
         if not isinstance(timestep, torch.Tensor):
@@ -192,20 +201,35 @@ class DiT(nn.Module):
         if t.numel() == rows:
             return t, False
         if t.numel() != batch:
-            raise ValueError(f"timestep has {t.numel()} values; expected 1, {rows} (per token) "
-                             f"or {batch} (per sample)")
+            raise ValueError(
+                f"timestep has {t.numel()} values; expected 1, {rows} (per token) "
+                f"or {batch} (per sample)"
+            )
         return t.to(x.dtype), True
 
-    def forward(self, x: torch.Tensor, k_lens: torch.Tensor, q_lens: torch.Tensor,
-                timestep: float | torch.Tensor, cache: KVCache | None = None,
-                update_cache: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        k_lens: torch.Tensor,
+        q_lens: torch.Tensor,
+        timestep: float | torch.Tensor,
+        cache: KVCache | None = None,
+        update_cache: bool = False,
+    ) -> torch.Tensor:
         """x (ΣQ, C_in) -> predicted velocity (ΣQ, C_out)."""
         cfg = self.config
         if update_cache and cache is None:
             raise ValueError("update_cache=True needs a cache")
         h = self.txt_in.proj(x)
-        plan = AttentionPlan.build(k_lens, q_lens, x.shape[0], cfg.block_size, x.device,
-                                   cache=cache, update_cache=update_cache)
+        plan = AttentionPlan.build(
+            k_lens,
+            q_lens,
+            x.shape[0],
+            cfg.block_size,
+            x.device,
+            cache=cache,
+            update_cache=update_cache,
+        )
         t, per_sample = self._timesteps(timestep, h, plan.batch)
         e = self.emb_in(timestep_sinusoid(t).to(h.dtype))
         e_silu = F.silu(e)

@@ -34,17 +34,53 @@ PRESETS = ("tiny", "small", "cola-2b")
 
 def preset_configs(name: str) -> tuple[TextVAEConfig, DiTConfig]:
     if name == "tiny":
-        return (TextVAEConfig(vocab_size=TOKENIZER_VOCAB, encoder_num_blocks=2,
-                              decoder_num_blocks=2, dim=64, ffn_dim=128, latent_dim=8,
-                              num_heads=4, block_size=4),
-                DiTConfig(txt_in_channels=8, txt_out_channels=8, txt_dim=64, emb_dim=64,
-                          heads=4, head_dim=16, num_layers=2, rope_dim=12, block_size=4))
+        return (
+            TextVAEConfig(
+                vocab_size=TOKENIZER_VOCAB,
+                encoder_num_blocks=2,
+                decoder_num_blocks=2,
+                dim=64,
+                ffn_dim=128,
+                latent_dim=8,
+                num_heads=4,
+                block_size=4,
+            ),
+            DiTConfig(
+                txt_in_channels=8,
+                txt_out_channels=8,
+                txt_dim=64,
+                emb_dim=64,
+                heads=4,
+                head_dim=16,
+                num_layers=2,
+                rope_dim=12,
+                block_size=4,
+            ),
+        )
     if name == "small":
-        return (TextVAEConfig(vocab_size=TOKENIZER_VOCAB, encoder_num_blocks=2,
-                              decoder_num_blocks=2, dim=512, ffn_dim=2048, latent_dim=16,
-                              num_heads=8, block_size=4),
-                DiTConfig(txt_in_channels=16, txt_out_channels=16, txt_dim=512, emb_dim=512,
-                          heads=8, head_dim=64, num_layers=8, rope_dim=48, block_size=4))
+        return (
+            TextVAEConfig(
+                vocab_size=TOKENIZER_VOCAB,
+                encoder_num_blocks=2,
+                decoder_num_blocks=2,
+                dim=512,
+                ffn_dim=2048,
+                latent_dim=16,
+                num_heads=8,
+                block_size=4,
+            ),
+            DiTConfig(
+                txt_in_channels=16,
+                txt_out_channels=16,
+                txt_dim=512,
+                emb_dim=512,
+                heads=8,
+                head_dim=64,
+                num_layers=8,
+                rope_dim=48,
+                block_size=4,
+            ),
+        )
     if name == "cola-2b":
         return TextVAEConfig(), DiTConfig()
     raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -101,14 +137,40 @@ def init_dit_(model: DiT, generator: torch.Generator) -> None:
 def _corpus(seed: int = 20240601, words: int = 40000) -> list[str]:
     """Deterministic pseudo-English lines made from a small syllable inventory."""
     rng = random.Random(seed)
-    onsets = ["", "b", "c", "d", "f", "g", "h", "l", "m", "n", "p", "r", "s", "t", "th", "st",
-              "ch", "w", "pr", "gr", "sh", "v", "k", "tr"]
+    onsets = [
+        "",
+        "b",
+        "c",
+        "d",
+        "f",
+        "g",
+        "h",
+        "l",
+        "m",
+        "n",
+        "p",
+        "r",
+        "s",
+        "t",
+        "th",
+        "st",
+        "ch",
+        "w",
+        "pr",
+        "gr",
+        "sh",
+        "v",
+        "k",
+        "tr",
+    ]
     vowels = ["a", "e", "i", "o", "u", "ea", "ou", "ai", "ee", "oo"]
     codas = ["", "", "n", "r", "s", "t", "nd", "ng", "ll", "ck", "st", "m", "d"]
     lexicon = []
     for _ in range(3000):
-        word = "".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
-                       for _ in range(rng.choice([1, 1, 2, 2, 3])))
+        word = "".join(
+            rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
+            for _ in range(rng.choice([1, 1, 2, 2, 3]))
+        )
         lexicon.append(word)
     weights = [1.0 / (rank + 1) for rank in range(len(lexicon))]  # Zipf-like frequencies
     lines, line = [], []
@@ -127,16 +189,20 @@ def build_tokenizer() -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB - len(SPECIAL_TOKENS),
-                                  min_frequency=2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB - len(SPECIAL_TOKENS),
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
     return tok
 
 
-def build_preset(name: str, *, seed: int = 0,
-                 dtype: str | torch.dtype = torch.float32) -> ColaModel:
+def build_preset(
+    name: str, *, seed: int = 0, dtype: str | torch.dtype = torch.float32
+) -> ColaModel:
     """Random reference-initialised models of preset `name` plus a fresh tokenizer."""
     vae_cfg, dit_cfg = preset_configs(name)
     target = parse_dtype(dtype)
@@ -151,5 +217,9 @@ def build_preset(name: str, *, seed: int = 0,
     tokenizer = build_tokenizer()
     if tokenizer.get_vocab_size() > vae_cfg.vocab_size:
         raise ValueError("tokenizer larger than the model vocabulary")
-    return ColaModel(vae=vae.eval().requires_grad_(False), dit=dit.eval().requires_grad_(False),
-                     tokenizer=tokenizer, root=None)
+    return ColaModel(
+        vae=vae.eval().requires_grad_(False),
+        dit=dit.eval().requires_grad_(False),
+        tokenizer=tokenizer,
+        root=None,
+    )

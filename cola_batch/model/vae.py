@@ -57,8 +57,9 @@ class TextVAEBlock(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         return x * cos + rotate_half_split(x) * sin
 
-    def forward(self, x: torch.Tensor, plan: AttentionPlan, layer: int, cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, plan: AttentionPlan, layer: int, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
         cfg = self.cfg
         rows, d = x.shape
         h_in = x if cfg.post_norm else self.norm_attn(x)
@@ -90,20 +91,25 @@ class TextVAE(nn.Module):
         self.config = cfg
         d, z = cfg.dim, cfg.latent_dim
         head = 2 * z if cfg.use_variation else z
-        self.encoder = nn.ModuleDict({
-            "wte": nn.Embedding(cfg.vocab_size + 1, d),
-            "patch_embedder": nn.Conv1d(d, d, kernel_size=cfg.patch_size,
-                                        stride=cfg.patch_size),
-            "blocks": nn.ModuleList(TextVAEBlock(cfg) for _ in range(cfg.encoder_num_blocks)),
-            "final_layer": nn.Linear(d, head, bias=cfg.bias),
-        })
-        self.decoder = nn.ModuleDict({
-            "in_layer": nn.Linear(z, d, bias=cfg.bias),
-            "blocks": nn.ModuleList(TextVAEBlock(cfg) for _ in range(cfg.decoder_num_blocks)),
-            "unpatch_layer": nn.Linear(d, cfg.patch_size * d),
-            "final_norm": nn.LayerNorm(d, eps=cfg.layer_norm_eps),
-            "final_layer": nn.Linear(d, cfg.vocab_size, bias=cfg.bias),
-        })
+        self.encoder = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(cfg.vocab_size + 1, d),
+                "patch_embedder": nn.Conv1d(
+                    d, d, kernel_size=cfg.patch_size, stride=cfg.patch_size
+                ),
+                "blocks": nn.ModuleList(TextVAEBlock(cfg) for _ in range(cfg.encoder_num_blocks)),
+                "final_layer": nn.Linear(d, head, bias=cfg.bias),
+            }
+        )
+        self.decoder = nn.ModuleDict(
+            {
+                "in_layer": nn.Linear(z, d, bias=cfg.bias),
+                "blocks": nn.ModuleList(TextVAEBlock(cfg) for _ in range(cfg.decoder_num_blocks)),
+                "unpatch_layer": nn.Linear(d, cfg.patch_size * d),
+                "final_norm": nn.LayerNorm(d, eps=cfg.layer_norm_eps),
+                "final_layer": nn.Linear(d, cfg.vocab_size, bias=cfg.bias),
+            }
+        )
         self._rope_table = RopeTable()
         self._inv_freq: torch.Tensor | None = None
 
@@ -145,8 +151,9 @@ class TextVAE(nn.Module):
         cos, sin = self._rope_table.lookup(self._inv_freq, positions, "cat")
         return cos[:, None, :], sin[:, None, :]
 
-    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor,
-                    plan: AttentionPlan) -> torch.Tensor:
+    def _run_blocks(
+        self, blocks: nn.ModuleList, x: torch.Tensor, plan: AttentionPlan
+    ) -> torch.Tensor:
         cos, sin = self._rope_for(plan.q_pos)
         for i, block in enumerate(blocks):
             x = block(x, plan, i, cos, sin)
@@ -167,8 +174,9 @@ class TextVAE(nn.Module):
         padded = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True)
         emb = self.encoder["wte"](padded)  # (B, Lmax, d)
         patches = self.encoder["patch_embedder"](emb.transpose(1, 2)).transpose(1, 2)
-        plan = AttentionPlan.build(n, n, int(n.sum()), cfg.block_size, device,
-                                   block_causal=cfg.block_causal)
+        plan = AttentionPlan.build(
+            n, n, int(n.sum()), cfg.block_size, device, block_causal=cfg.block_causal
+        )
         x = patches[plan.rows_b, plan.rows_j]
         x = self._run_blocks(self.encoder["blocks"], x, plan)
         y = self.encoder["final_layer"](x)
@@ -187,16 +195,29 @@ class TextVAE(nn.Module):
         return [p[..., :z] for p in self.encode_params(input_ids)]
 
     # ------------------------------------------------------------------ decoder
-    def decode(self, z: torch.Tensor, k_lens: torch.Tensor, q_lens: torch.Tensor,
-               cache: KVCache | None = None, update_cache: bool = False) -> torch.Tensor:
+    def decode(
+        self,
+        z: torch.Tensor,
+        k_lens: torch.Tensor,
+        q_lens: torch.Tensor,
+        cache: KVCache | None = None,
+        update_cache: bool = False,
+    ) -> torch.Tensor:
         """z (ΣQ, latent_dim) -> logits (ΣQ·p, vocab_size)."""
         cfg = self.config
         if update_cache and cache is None:
             raise ValueError("update_cache=True needs a cache")
         x = self.decoder["in_layer"](z)
-        plan = AttentionPlan.build(k_lens, q_lens, z.shape[0], cfg.block_size, z.device,
-                                   cache=cache, update_cache=update_cache,
-                                   block_causal=cfg.block_causal)
+        plan = AttentionPlan.build(
+            k_lens,
+            q_lens,
+            z.shape[0],
+            cfg.block_size,
+            z.device,
+            cache=cache,
+            update_cache=update_cache,
+            block_causal=cfg.block_causal,
+        )
         x = self._run_blocks(self.decoder["blocks"], x, plan)
         w = self.decoder["unpatch_layer"](x)
         # Channel-major un-patch: token j of a latent takes element ch·p + j (§2.8).

@@ -68,13 +68,19 @@ def all_check_groups() -> dict[str, CheckFn]:
     return groups
 
 
-def compare(name: str, got: torch.Tensor, want: torch.Tensor, tol: float,
-            detail: str = "") -> CheckResult:
+def compare(
+    name: str, got: torch.Tensor, want: torch.Tensor, tol: float, detail: str = ""
+) -> CheckResult:
     got = got.detach().float().cpu()
     want = want.detach().float().cpu()
     if got.shape != want.shape:
-        return CheckResult(name, float("inf"), tol, False,
-                           f"shape {tuple(got.shape)} != expected {tuple(want.shape)}")
+        return CheckResult(
+            name,
+            float("inf"),
+            tol,
+            False,
+            f"shape {tuple(got.shape)} != expected {tuple(want.shape)}",
+        )
     diff = float((got - want).abs().max()) if got.numel() else 0.0
     ok = diff <= tol  # NaN compares false, so NaN fails
     return CheckResult(name, diff, tol, ok, detail)
@@ -109,8 +115,13 @@ def check_vae_encode(golden_dir: Path) -> list[CheckResult]:
     meta = _read_header_metadata(path)
     scale = float(meta.get("scaling_factor", vae.scaling_factor))
     shift = float(meta.get("shifting_factor", vae.shifting_factor))
-    derived: dict[str, list[torch.Tensor]] = {"params": params, "mean": [], "logvar": [],
-                                              "std": [], "scaled": []}
+    derived: dict[str, list[torch.Tensor]] = {
+        "params": params,
+        "mean": [],
+        "logvar": [],
+        "std": [],
+        "scaled": [],
+    }
     for p in params:
         mean = p[:, :z]
         derived["mean"].append(mean)
@@ -124,9 +135,15 @@ def check_vae_encode(golden_dir: Path) -> list[CheckResult]:
         keys = [f"{quantity}.{i}" for i in range(count)]
         if not all(k in data for k in keys) or len(tensors) != count:
             continue
-        results.append(compare(f"vae_encode/{quantity}", torch.cat(tensors),
-                               torch.cat([data[k] for k in keys]), VAE_TOL,
-                               f"{count} samples, lengths {[len(t) for t in ids]}"))
+        results.append(
+            compare(
+                f"vae_encode/{quantity}",
+                torch.cat(tensors),
+                torch.cat([data[k] for k in keys]),
+                VAE_TOL,
+                f"{count} samples, lengths {[len(t) for t in ids]}",
+            )
+        )
     return results
 
 
@@ -167,13 +184,25 @@ def check_dit_forward(golden_dir: Path) -> list[CheckResult]:
                     cache = dit.new_cache()
                 x = data[f"inputs/{call['txt']}"]
                 use = bool(call.get("use_kv_cache") or call.get("update_kv"))
-                out = dit(x, _lengths(call["txt_shape"]), _lengths(call["txt_q_shape"]),
-                          _timestep(call["timestep"], data, x.shape[0]),
-                          cache=cache if use else None, update_cache=bool(call["update_kv"]))
+                out = dit(
+                    x,
+                    _lengths(call["txt_shape"]),
+                    _lengths(call["txt_q_shape"]),
+                    _timestep(call["timestep"], data, x.shape[0]),
+                    cache=cache if use else None,
+                    update_cache=bool(call["update_kv"]),
+                )
                 key = f"{backend}/{call['name']}"
                 if key in data:
-                    results.append(compare(f"dit_forward/{key}", out, data[key], tol,
-                                           f"K={call['txt_shape']} Q={call['txt_q_shape']}"))
+                    results.append(
+                        compare(
+                            f"dit_forward/{key}",
+                            out,
+                            data[key],
+                            tol,
+                            f"K={call['txt_shape']} Q={call['txt_q_shape']}",
+                        )
+                    )
     finally:
         dit.reference_numerics = saved
     return results
@@ -193,14 +222,25 @@ def check_vae_decode(golden_dir: Path) -> list[CheckResult]:
         if call.get("reset_cache_before"):
             cache = vae.new_cache()
         update = bool(call["update_kv"])
-        out = vae.decode(data[f"inputs/{call['z']}"], _lengths(call["txt_shape"]),
-                         _lengths(call["txt_q_shape"]), cache=cache, update_cache=update)
+        out = vae.decode(
+            data[f"inputs/{call['z']}"],
+            _lengths(call["txt_shape"]),
+            _lengths(call["txt_q_shape"]),
+            cache=cache,
+            update_cache=update,
+        )
         key = f"logits/{call['name']}"
         if key in data:
             want = data[key]
-            results.append(compare(f"vae_decode/{call['name']}", out,
-                                   want.reshape(-1, want.shape[-1]), VAE_TOL,
-                                   f"K={call['txt_shape']} Q={call['txt_q_shape']}"))
+            results.append(
+                compare(
+                    f"vae_decode/{call['name']}",
+                    out,
+                    want.reshape(-1, want.shape[-1]),
+                    VAE_TOL,
+                    f"K={call['txt_shape']} Q={call['txt_q_shape']}",
+                )
+            )
     return results
 
 
@@ -222,6 +262,7 @@ def run_checks(golden_dir: str | Path, groups: list[str] | None = None) -> list[
         try:
             results.extend(available[name](golden_dir))
         except Exception as exc:  # noqa: BLE001 - report a crashing group as a failed check
-            results.append(CheckResult(name, float("nan"), 0.0, False,
-                                       f"{type(exc).__name__}: {exc}"))
+            results.append(
+                CheckResult(name, float("nan"), 0.0, False, f"{type(exc).__name__}: {exc}")
+            )
     return results
