@@ -146,26 +146,6 @@ def test_generation_path_writes_generations_and_scores_them(
     ]
 
 
-def test_generation_path_reports_the_missing_runner(app: typer.Typer, tmp_path: Path) -> None:
-    """Until the queue-backed runner lands, the run path stops with a clear message."""
-    args = [
-        "eval",
-        "--model",
-        "tiny",
-        "--tasks",
-        "squad",
-        "--max-samples",
-        "1",
-        "--data-dir",
-        str(SHARED / "data" / "tasks"),
-        "--output",
-        str(tmp_path / "o"),
-    ]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 1
-    assert "lands with the worker" in result.stderr
-
-
 def test_bad_arguments(app: typer.Typer) -> None:
     assert CliRunner().invoke(app, ["eval"]).exit_code == 2  # neither --model nor --score-only
     unknown = CliRunner().invoke(app, ["eval", "--model", "m", "--tasks", "mmlu,piqa"])

@@ -1,16 +1,33 @@
 """Generation step of `cola-batch eval`: prompt rows in, per-task output records out.
 
-Contract (to be implemented on top of the job queue by the worker owner): `run_generation`
-submits every row as one ordinary batch job, waits for it, and returns the output records per
-task. Prompt building and scoring never import this module, so they work without it.
+Contract: `run_generation` submits every row as one ordinary batch job — to the Redis named by
+COLA_BATCH_REDIS_URL when it is set (so it scales with whatever worker pool serves that Redis),
+else through `cola-batch run`'s embedded Redis and local workers — waits for it, and returns the
+output records per task. Prompt building and scoring never import this module.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
+from cola_batch.schemas.sampling import SamplingParams
 
-def run_generation(rows: list[dict], model: str, output_dir: Path) -> dict[str, list[dict]]:
+# eval.md §5: 16 steps, guidance 7, penalised greedy, 32 new tokens, noise seed base 66.
+PUBLISHED_SETTINGS = SamplingParams(
+    max_new_tokens=32, timesteps=16, guidance_scale=7.0, temperature=0.0,
+    repetition_penalty=1.1, seed=66,
+)  # fmt: skip
+
+
+def _row_id(row: dict) -> str:
+    return f"{row['task']}/{row['id']}"  # ids are unique per task, not across tasks
+
+
+def run_generation(
+    rows: list[dict], model: str, output_dir: Path, sampling: SamplingParams = PUBLISHED_SETTINGS
+) -> dict[str, list[dict]]:
     """Generate a continuation for every prompt row and group the outputs by task.
 
     Args:
@@ -34,4 +51,43 @@ def run_generation(rows: list[dict], model: str, output_dir: Path) -> dict[str, 
     greedy with repetition penalty 1.1, max_new_tokens 32, EOS and im_end enabled, noise seed
     base 66.
     """
-    raise NotImplementedError("eval through the batch queue lands with the worker")
+    from cola_batch import keys
+    from cola_batch.jobs import read_results
+
+    inputs = output_dir / "eval_inputs.jsonl"
+    with inputs.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps({"id": _row_id(row), "prompt": row["prompt"]}) + "\n")
+    jobs_dir = str((output_dir / "jobs").resolve())
+    if os.environ.get("COLA_BATCH_REDIS_URL"):
+        from cola_batch.jobs import Control
+
+        control = Control.connect()
+        spec = control.submit([str(inputs)], model=model, output=jobs_dir, sampling=sampling)
+        control.wait(spec.job_id)
+        job_uri = control.job_uri(spec.job_id)
+        job_id = spec.job_id
+    else:
+        from cola_batch.cli_run import run_job
+
+        job_id, code = run_job([str(inputs)], model=model, output=jobs_dir, sampling=sampling)
+        if not job_id:
+            raise RuntimeError("the eval job did not start")
+        job_uri = keys.job_uri(jobs_dir, job_id)
+    (output_dir / "eval_job.json").write_text(json.dumps({"job_id": job_id, "job_uri": job_uri}))
+    texts = {
+        (row["id"], row["sample_index"]): row["text"] or ""
+        for row in read_results(job_uri).to_pylist()
+    }
+    grouped: dict[str, list[dict]] = {}
+    for row in rows:
+        record = {
+            "id": row["id"],
+            "prompt": row["prompt"],
+            "generate": texts.get((_row_id(row), 0), ""),
+            "ground_truth": row.get("ground_truth", ""),
+        }
+        if row.get("choices"):
+            record["choices"] = row["choices"]
+        grouped.setdefault(row["task"], []).append(record)
+    return grouped
