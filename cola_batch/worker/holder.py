@@ -96,7 +96,21 @@ def get_loaded() -> LoadedModel:
                 batch_tokens=settings.batch_tokens,
                 max_context=settings.max_context,
             )
+            _maybe_inject_oom(_loaded.engine)
         return _loaded
+
+
+def _maybe_inject_oom(engine: Any) -> None:
+    """Fault injection for the chaos tests (tests/chaos): COLA_BATCH_FAULT_OOM_OVER_ROWS=N makes
+    every micro-batch of more than N rows raise torch.OutOfMemoryError (the Engine's
+    `fail_batches_over` seam), so CPU runs exercise the split-and-retry path.
+    Unset in production."""
+    import os
+
+    over = os.environ.get("COLA_BATCH_FAULT_OOM_OVER_ROWS")
+    if over:
+        engine.fail_batches_over = int(over)
+        log.warning("COLA_BATCH_FAULT_OOM_OVER_ROWS=%s: simulating out of memory", over)
 
 
 def preload_from_env() -> None:

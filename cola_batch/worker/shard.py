@@ -74,6 +74,7 @@ def run_shard_task(payload: dict[str, Any]) -> dict[str, Any]:
         maybe_finalize(store, job_id, task.job_uri)
         return {"outcome": "duplicate"}
     attempt = store.begin_attempt(job_id, shard, task.generation)
+    _maybe_inject_kill(job_id, shard)
     settings = get_settings()
     spec = load_spec(task.job_uri, job_id)
     if attempt > settings.max_attempts:
@@ -119,6 +120,18 @@ def run_shard_task(payload: dict[str, Any]) -> dict[str, Any]:
         metrics.shard_finished(spec.queue)
     maybe_finalize(store, job_id, task.job_uri)
     return {"outcome": "committed", "rows": len(rows)}
+
+
+def _maybe_inject_kill(job_id: str, shard_id: int) -> None:
+    """Fault injection for the chaos tests (tests/chaos): a shard listed in
+    COLA_BATCH_FAULT_KILL_SHARDS ("<job_id>:<shard_id>,...") kills its worker process on every
+    delivery, after the delivery was counted, the way a shard that crashes the process would.
+    Unset in production; read on each call so only processes started with it are affected."""
+    listed = os.environ.get("COLA_BATCH_FAULT_KILL_SHARDS")
+    if listed and f"{job_id}:{shard_id}" in {item.strip() for item in listed.split(",")}:
+        log.error("job %s shard %d: COLA_BATCH_FAULT_KILL_SHARDS kills me", job_id, shard_id)
+        logging.shutdown()
+        os._exit(137)
 
 
 # ---------------------------------------------------------------------- generation
