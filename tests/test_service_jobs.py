@@ -203,3 +203,23 @@ def test_resume_rebuilds_lost_redis_state_from_storage(
     assert (final.rows_completed, final.shards_completed) == (8, 4)
     assert sorted(storage.list_files(keys.commits_prefix(job))) == commits_before
     assert storage.exists(keys.success_marker_uri(job))
+
+
+def test_outputs_are_readable_by_duckdb_directly(
+    control: Control, tiny_model: Path, tmp_path: Path
+) -> None:
+    import duckdb
+
+    prompts = write_prompts(tmp_path / "p.jsonl", 5)
+    spec = control.submit([str(prompts)], model=str(tiny_model), sampling=FAST, shard_size=2)
+    with WorkerGroup(tiny_model, control.settings.redis_url_value(), tmp_path) as group:
+        assert control.wait(spec.job_id, timeout_s=120).state is JobState.COMPLETED, (
+            group.log_text()
+        )
+    job = control.job_uri(spec.job_id)
+    # The README's one-liner: every output file of a job as one table, joinable on id.
+    rows = duckdb.sql(
+        f"SELECT id, text FROM read_parquet('{job}/outputs/*.parquet') ORDER BY id"
+    ).fetchall()
+    assert [r[0] for r in rows] == input_ids(prompts)
+    assert all(isinstance(r[1], str) for r in rows)
