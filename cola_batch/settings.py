@@ -115,6 +115,36 @@ class Settings(BaseSettings):
         "longer rows get error_code prompt_too_long.",
     )
 
+    # `cola-batch pool` (local autoscaler). Windows must be longer than a shard: see
+    # docs/deploy.md "Sizing".
+    pool_poll_s: float = Field(
+        2.0, gt=0, description="Seconds between two autoscaling decisions of `cola-batch pool`."
+    )
+    pool_shards_per_worker: int = Field(
+        2,
+        ge=1,
+        description="Backlog (queued + in-flight shards) one pool worker is sized for: "
+        "desired workers = ceil(backlog / this), clamped to --min/--max.",
+    )
+    pool_scale_up_window_s: float = Field(
+        10.0,
+        ge=0,
+        description="The pool grows only when the backlog has called for more workers for this "
+        "long (the lowest recommendation in the window wins): quick, but not on a blip.",
+    )
+    pool_scale_down_window_s: float = Field(
+        600.0,
+        ge=0,
+        description="The pool shrinks only to the highest recommendation of this window: the "
+        "backlog must stay low this long. Keep it longer than a shard.",
+    )
+    pool_load_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="A pool worker that does not answer Celery's ping this long after its "
+        "start (model load included) is stopped and its slot reused.",
+    )
+
     @model_validator(mode="after")
     def _distinct_queues(self) -> Settings:
         if self.queue_batch == self.queue_interactive:

@@ -1,0 +1,468 @@
+"""`cola-batch pool`: a local autoscaler that decides how many standard worker processes run.
+
+Contract:
+* Scheduling stays with Redis + Celery. The pool only starts and stops ordinary `celery worker`
+  processes (built by `cola_batch.worker.launcher`), one per slot: one per listed GPU (pinned
+  with CUDA_VISIBLE_DEVICES), or up to `max_workers` CPU slots.
+* `decide(now, state, observation, config)` is pure. desired = clamp(ceil((queued + in-flight)
+  / shards_per_worker), min, max). The pool grows to the LOWEST recommendation of the last
+  `scale_up_window_s` (a blip does not start a worker) and shrinks to the HIGHEST recommendation
+  of the last `scale_down_window_s` (the backlog must stay low that long). Workers that are
+  still starting (model loading) count as capacity, so one backlog never starts two workers.
+* Scale-down never interrupts a shard. A worker is chosen only if Celery remote control
+  (`inspect().active()` / `.reserved()`) shows it holding no task; the pool then cancels its
+  consumers (it takes no new shard), checks again that it holds nothing, and only then sends
+  SIGTERM: a warm stop, whose soft shutdown finishes or requeues anything that slipped in.
+  A worker that does not answer is never treated as idle.
+* Every decision is logged with its reason (INFO when the action or reason changes, DEBUG for
+  unchanged holds). SIGTERM/SIGINT of the pool warm-stops every worker and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cola_batch.worker.launcher import WorkerSlot, child_command, child_env, parse_gpus
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------- pure decision
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    min_workers: int
+    max_workers: int
+    shards_per_worker: int = 2
+    scale_up_window_s: float = 10.0
+    scale_down_window_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_workers <= self.max_workers:
+            raise ValueError(
+                f"need 0 <= --min <= --max, got min {self.min_workers}, max {self.max_workers}"
+            )
+        if self.shards_per_worker < 1:
+            raise ValueError("shards_per_worker must be >= 1")
+        if self.scale_up_window_s < 0 or self.scale_down_window_s < 0:
+            raise ValueError("stabilisation windows must be >= 0 seconds")
+
+
+@dataclass(frozen=True)
+class Observation:
+    depth: int  # shards queued in Redis over the pool's queues
+    inflight: int  # shards delivered to a worker and not yet acknowledged
+    workers: int  # capacity: workers starting or up (not those draining or stopping)
+    loading: int = 0  # of `workers`, those not up yet (process start + model load)
+
+    @property
+    def backlog(self) -> int:
+        return self.depth + self.inflight
+
+
+@dataclass(frozen=True)
+class PoolState:
+    """Recommendation history, oldest first: (time, desired) samples that cover the windows."""
+
+    history: tuple[tuple[float, int], ...] = ()
+
+
+Action = Literal["up", "down", "hold"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    target: int  # workers that should be starting or up
+    reason: str
+    action: Action = "hold"
+    desired: int = 0  # this observation's recommendation, before stabilisation
+    state: PoolState = field(default_factory=PoolState)  # feed to the next decide()
+
+
+def desired_workers(backlog: int, config: PoolConfig) -> int:
+    need = math.ceil(max(backlog, 0) / config.shards_per_worker)
+    return min(max(need, config.min_workers), config.max_workers)
+
+
+def _window(history: Sequence[tuple[float, int]], now: float, window: float) -> list[int] | None:
+    """Values the recommendation took during [now - window, now]; None if history is shorter."""
+    start = now - window
+    before = [v for t, v in history if t <= start]
+    if not before:
+        return None
+    return [before[-1], *(v for t, v in history if t > start)]
+
+
+def _prune(history: Sequence[tuple[float, int]], now: float, keep_s: float) -> tuple:
+    start = now - keep_s
+    older = [s for s in history if s[0] <= start]
+    return tuple(older[-1:] + [s for s in history if s[0] > start])
+
+
+def _since(history: Sequence[tuple[float, int]], now: float, pred: Callable[[int], bool]) -> float:
+    """Seconds the recommendation has satisfied `pred` without a break (0 if it does not now)."""
+    start = now
+    for t, v in reversed(history):
+        if not pred(v):
+            break
+        start = t
+    return now - start
+
+
+def decide(now: float, state: PoolState, obs: Observation, config: PoolConfig) -> Decision:
+    """The number of workers to run, and why. Pure: same inputs, same decision."""
+    desired = desired_workers(obs.backlog, config)
+    history = _prune(
+        (*state.history, (now, desired)),
+        now,
+        max(config.scale_up_window_s, config.scale_down_window_s),
+    )
+    nxt = PoolState(history)
+    current = obs.workers
+    loading = f", {obs.loading} loading" if obs.loading else ""
+    need = (
+        f"backlog {obs.backlog} shards ({obs.depth} queued + {obs.inflight} in flight) "
+        f"needs {desired} at {config.shards_per_worker}/worker"
+    )
+
+    def out(target: int, action: Action, why: str) -> Decision:
+        return Decision(target, why, action, desired, nxt)
+
+    if current < config.min_workers:
+        return out(config.min_workers, "up", f"scale up {current}->{config.min_workers}: "
+                   f"below --min {config.min_workers}; {need}")  # fmt: skip
+    if current > config.max_workers:
+        return out(config.max_workers, "down", f"scale down {current}->{config.max_workers}: "
+                   f"above --max {config.max_workers}")  # fmt: skip
+    up = _window(history, now, config.scale_up_window_s)
+    if up is not None and min(up) > current:
+        target = min(up)
+        return out(target, "up", f"scale up {current}->{target}{loading}: {need}, "
+                   f"for {config.scale_up_window_s:g}s")  # fmt: skip
+    down = _window(history, now, config.scale_down_window_s)
+    if down is not None and max(down) < current:
+        target = max(down)
+        return out(target, "down", f"scale down {current}->{target}: {need}, at most {target} "
+                   f"for {config.scale_down_window_s:g}s")  # fmt: skip
+    if desired > current:
+        high = _since(history, now, lambda v: v > current)
+        return out(current, "hold", f"hold at {current}{loading}: {need}; scale up once it "
+                   f"lasts {config.scale_up_window_s:g}s (so far {high:.0f}s)")  # fmt: skip
+    if desired < current:
+        low = _since(history, now, lambda v: v < current)
+        return out(current, "hold", f"hold at {current}{loading}: {need}; scale down once it "
+                   f"lasts {config.scale_down_window_s:g}s (so far {low:.0f}s)")  # fmt: skip
+    return out(current, "hold", f"hold at {current}{loading}: {need}")
+
+
+# ---------------------------------------------------------------------- supervisor
+
+Phase = Literal["starting", "up", "draining", "stopping"]
+
+
+@dataclass
+class PoolWorker:
+    slot: WorkerSlot
+    proc: subprocess.Popen[bytes]
+    node: str  # Celery node name, e.g. cola-cpu0-<pool pid>@host
+    started_at: float
+    phase: Phase = "starting"
+    changed_at: float = 0.0
+
+
+def pool_slots(gpus: str | None, max_workers: int) -> list[WorkerSlot]:
+    """One slot per listed GPU, else `max_workers` CPU slots with distinct node names."""
+    if not gpus:
+        return [WorkerSlot(f"cpu{i}", "cpu", "") for i in range(max_workers)]
+    slots = parse_gpus(gpus)
+    if max_workers > len(slots):
+        raise ValueError(f"--max {max_workers} exceeds the {len(slots)} GPU(s) in --gpus {gpus}")
+    return slots
+
+
+def node_name(slot: WorkerSlot, pool_pid: int) -> str:
+    """The node name `launcher.child_command` gives a worker of this slot, %h expanded."""
+    from celery.utils.nodenames import host_format
+
+    return host_format(f"cola-{slot.name}-{pool_pid}@%h")
+
+
+class Pool:
+    """Runs `decide` every `poll_s` and reconciles worker processes with its target."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        redis_url: str,
+        queues: Sequence[str],
+        config: PoolConfig,
+        gpus: str | None = None,
+        poll_s: float = 2.0,
+        load_timeout_s: float = 900.0,
+        stop_timeout_s: float = 120.0,
+        log_dir: Path | None = None,
+        loglevel: str = "INFO",
+        extra_env: dict[str, str] | None = None,
+        control_timeout_s: float = 2.0,
+        on_decision: Callable[[Decision, Observation], None] | None = None,
+    ) -> None:
+        import redis
+
+        from cola_batch.settings import Settings
+        from cola_batch.worker.celery_app import make_app
+
+        self.model, self.redis_url, self.queues = model, redis_url, list(queues)
+        self.config = config
+        self.slots = pool_slots(gpus, config.max_workers)
+        self.poll_s, self.load_timeout_s = poll_s, load_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.log_dir, self.loglevel, self.extra_env = log_dir, loglevel, dict(extra_env or {})
+        self.control_timeout_s = control_timeout_s
+        self.on_decision = on_decision
+        self.app = make_app(Settings(redis_url=redis_url))
+        self.redis = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=10)
+        self.workers: list[PoolWorker] = []
+        self.state = PoolState()
+        self.last: Decision | None = None
+        self._logged: tuple[Action, str] | None = None
+
+    # ------------------------------------------------------------------ observation
+
+    def capacity(self) -> list[PoolWorker]:
+        return [w for w in self.workers if w.phase in ("starting", "up")]
+
+    def observe(self) -> Observation:
+        from cola_batch.worker.metrics import read_queue_stats
+
+        stats = read_queue_stats(self.redis, self.queues)
+        cap = self.capacity()
+        return Observation(
+            depth=sum(d for d, _ in stats.values()),
+            inflight=sum(i for _, i in stats.values()),
+            workers=len(cap),
+            loading=sum(w.phase == "starting" for w in cap),
+        )
+
+    def holding(self, nodes: list[str]) -> dict[str, int]:
+        """{node: tasks it holds (active + reserved)} for the nodes that answered both."""
+        if not nodes:
+            return {}
+        inspect = self.app.control.inspect(destination=nodes, timeout=self.control_timeout_s)
+        active = inspect.active() or {}
+        reserved = inspect.reserved() or {}
+        return {
+            n: len(active[n]) + len(reserved[n]) for n in nodes if n in active and n in reserved
+        }
+
+    # ------------------------------------------------------------------ one tick
+
+    def step(self, now: float | None = None) -> Decision | None:
+        """Reap, observe, decide, reconcile. None when the backlog could not be read."""
+        now = time.monotonic() if now is None else now
+        self._reap(now)
+        self._check_started(now)
+        try:
+            obs = self.observe()
+        except Exception as exc:  # noqa: BLE001 - never scale on a missing signal
+            log.warning("pool: backlog not readable (%s: %s); holding", type(exc).__name__, exc)
+            return None
+        decision = decide(now, self.state, obs, self.config)
+        self.state, self.last = decision.state, decision
+        self._log(decision)
+        self.reconcile(decision.target, now)
+        if self.on_decision is not None:
+            self.on_decision(decision, obs)
+        return decision
+
+    def _log(self, decision: Decision) -> None:
+        # Timers in hold reasons change every tick; log at INFO when the gist changes.
+        gist = decision.reason.split(" (so far")[0]
+        key = (decision.action, gist)
+        level = logging.INFO if key != self._logged or decision.action != "hold" else logging.DEBUG
+        self._logged = key
+        log.log(level, "pool decision: target %d: %s", decision.target, decision.reason)
+
+    def reconcile(self, target: int, now: float | None = None) -> None:
+        """Move towards `target` workers starting/up; drain only idle ones."""
+        now = time.monotonic() if now is None else now
+        cap = self.capacity()
+        if target > len(cap):
+            self._grow(target - len(cap), now)
+        elif target < len(cap):
+            self._shrink(len(cap) - target, now)
+        self._finish_draining(now)
+
+    def _grow(self, count: int, now: float) -> None:
+        for worker in [w for w in self.workers if w.phase == "draining"][:count]:
+            if self._consume(worker, add=True):
+                self._set(worker, "up", now, "re-enabled (draining, backlog is back)")
+                count -= 1
+        used = {w.slot.name for w in self.workers}
+        free = [s for s in self.slots if s.name not in used]
+        if count > len(free):
+            log.info("pool: %d more worker(s) wanted, %d slot(s) free", count, len(free))
+        for slot in free[:count]:
+            self._start(slot, now)
+
+    def _shrink(self, count: int, now: float) -> None:
+        up = [w for w in self.workers if w.phase == "up"]
+        held = self.holding([w.node for w in up])
+        idle = [w for w in up if held.get(w.node) == 0]
+        busy = len(up) - len(idle)
+        # Newest first: its slot is the last that was needed.
+        chosen = sorted(idle, key=lambda w: w.started_at, reverse=True)[:count]
+        if len(chosen) < count:
+            log.info("pool: %d fewer worker(s) wanted; %d busy or not answering, %d starting: "
+                     "waiting for them to go idle", count - len(chosen), busy,
+                     sum(w.phase == "starting" for w in self.workers))  # fmt: skip
+        for worker in chosen:
+            if self._consume(worker, add=False):
+                self._set(worker, "draining", now, "idle; consumers cancelled")
+
+    def _finish_draining(self, now: float) -> None:
+        draining = [w for w in self.workers if w.phase == "draining"]
+        held = self.holding([w.node for w in draining])
+        for worker in draining:
+            if held.get(worker.node) == 0:
+                worker.proc.send_signal(signal.SIGTERM)
+                self._set(worker, "stopping", now, "holds no shard; warm stop (SIGTERM)")
+            elif worker.node in held:
+                log.info("pool: %s still holds %d task(s); stopping it once idle",
+                         worker.node, held[worker.node])  # fmt: skip
+
+    # ------------------------------------------------------------------ processes
+
+    def _start(self, slot: WorkerSlot, now: float) -> None:
+        env = child_env(slot, model=self.model, redis_url=self.redis_url, extra=self.extra_env)
+        cmd = child_command(slot, self.queues, loglevel=self.loglevel, pool="prefork")
+        out: Any = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = (self.log_dir / f"worker-{slot.name}.log").open("ab")
+        try:
+            # Own process group: a terminal's Ctrl-C reaches only the pool, which then stops
+            # each worker exactly once (a second signal would turn a warm stop cold).
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                process_group=0,
+            )  # fmt: skip
+        finally:
+            if out is not None:
+                out.close()
+        worker = PoolWorker(slot, proc, node_name(slot, os.getpid()), now, changed_at=now)
+        self.workers.append(worker)
+        log.info("pool: started %s (pid %d) on %s", worker.node, proc.pid, slot.device)
+
+    def _check_started(self, now: float) -> None:
+        starting = [w for w in self.workers if w.phase == "starting"]
+        if not starting:
+            return
+        replies = self.app.control.ping(
+            destination=[w.node for w in starting], timeout=self.control_timeout_s
+        )
+        answered = {node for reply in replies or [] for node in reply}
+        for worker in starting:
+            if worker.node in answered:
+                self._set(worker, "up", now, f"up after {now - worker.started_at:.1f}s")
+            elif now - worker.started_at > self.load_timeout_s:
+                worker.proc.send_signal(signal.SIGTERM)
+                self._set(worker, "stopping", now,
+                          f"not up after {self.load_timeout_s:g}s; stopping it")  # fmt: skip
+
+    def _reap(self, now: float) -> None:
+        for worker in list(self.workers):
+            code = worker.proc.poll()
+            if code is None:
+                if worker.phase == "stopping" and now - worker.changed_at > self.stop_timeout_s:
+                    log.warning("pool: %s did not stop in %g s; killing it",
+                                worker.node, self.stop_timeout_s)  # fmt: skip
+                    _kill_tree(worker.proc)
+                continue
+            self.workers.remove(worker)
+            if worker.phase == "stopping":
+                log.info("pool: %s exited (%s); slot %s free", worker.node, code, worker.slot.name)
+            else:
+                log.warning("pool: %s exited unexpectedly (%s) while %s; slot %s free",
+                            worker.node, code, worker.phase, worker.slot.name)  # fmt: skip
+
+    def _consume(self, worker: PoolWorker, *, add: bool) -> bool:
+        control = self.app.control
+        call = control.add_consumer if add else control.cancel_consumer
+        for queue in self.queues:
+            replies = call(queue, destination=[worker.node], reply=True,
+                           timeout=self.control_timeout_s)  # fmt: skip
+            if not any(worker.node in r for r in replies or []):
+                log.info("pool: %s did not answer %s; will retry", worker.node, call.__name__)
+                if not add:  # keep it whole: re-enable any queue already cancelled
+                    for q in self.queues:
+                        control.add_consumer(q, destination=[worker.node], reply=False)
+                return False
+        return True
+
+    def _set(self, worker: PoolWorker, phase: Phase, now: float, why: str) -> None:
+        log.info("pool: %s %s -> %s: %s", worker.node, worker.phase, phase, why)
+        worker.phase, worker.changed_at = phase, now
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self, stop: threading.Event) -> None:
+        """Decide every `poll_s` until `stop` is set; then warm-stop every worker."""
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    self.step()
+                except Exception:  # noqa: BLE001 - one failed tick must not kill the pool
+                    log.exception("pool: tick failed; retrying")
+                stop.wait(max(self.poll_s - (time.monotonic() - started), 0.05))
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """SIGTERM every worker (warm stop: finish or requeue), wait, kill stragglers."""
+        for worker in self.workers:
+            if worker.proc.poll() is None and worker.phase != "stopping":
+                worker.proc.send_signal(signal.SIGTERM)
+                self._set(worker, "stopping", time.monotonic(), "pool shutting down")
+        deadline = time.monotonic() + self.stop_timeout_s
+        for worker in self.workers:
+            try:
+                worker.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.warning("pool: %s did not stop in time; killing it", worker.node)
+                _kill_tree(worker.proc)
+        self.workers.clear()
+        self.redis.close()
+
+    def counts(self) -> dict[str, int]:
+        phases: dict[str, int] = dict.fromkeys(("starting", "up", "draining", "stopping"), 0)
+        for worker in self.workers:
+            phases[worker.phase] += 1
+        return phases
+
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a worker and its pool processes (its own process group)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    proc.wait()
+
+
+__all__ = [
+    "Decision", "Observation", "Pool", "PoolConfig", "PoolState", "PoolWorker",
+    "decide", "desired_workers", "node_name", "pool_slots",
+]  # fmt: skip
