@@ -182,3 +182,45 @@ def job_keys(job_id: str) -> list[str]:
         finaliser_lock_key(job_id),
         cancel_flag_key(job_id),
     ]
+
+
+# ---------------------------------------------------------------- OpenAI-compatible HTTP API
+#
+# The API (`cola_batch.api`) keeps uploaded and generated files under its own storage base
+# (`api_base`), and a little metadata per file and per batch in Redis. File and batch ids are
+# validated by the API (strict regexes) before they reach these functions.
+
+
+def api_file_uri(api_base: str, file_id: str) -> str:
+    """Bytes of one API file (an upload, or a batch's output/error file)."""
+    return join(api_base, "files", file_id)
+
+
+def api_request_uri(api_base: str, request_id: str) -> str:
+    """Scratch JSONL holding the one row of an interactive request until it is staged."""
+    return join(api_base, "requests", f"{request_id}.jsonl")
+
+
+def api_interactive_output(api_base: str) -> str:
+    """Output base of the one-row jobs behind /v1/chat/completions and /v1/completions."""
+    return join(api_base, "interactive")
+
+
+def api_file_key(file_id: str) -> str:
+    """Hash: an API file's metadata (bytes, filename, purpose, created_at, uri)."""
+    return f"{REDIS_PREFIX}:api:file:{file_id}"
+
+
+def api_files_index_key() -> str:
+    """Sorted set: API file ids scored by creation time."""
+    return f"{REDIS_PREFIX}:api:files"
+
+
+def api_batch_key(batch_id: str) -> str:
+    """Hash: an OpenAI batch's own fields (input file, endpoint, metadata, output files)."""
+    return f"{REDIS_PREFIX}:api:batch:{batch_id}"
+
+
+def api_batches_index_key() -> str:
+    """Sorted set: batch ids scored by creation time (for GET /v1/batches pagination)."""
+    return f"{REDIS_PREFIX}:api:batches"

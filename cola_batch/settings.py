@@ -115,6 +115,42 @@ class Settings(BaseSettings):
         "longer rows get error_code prompt_too_long.",
     )
 
+    api_storage: str | None = Field(
+        None,
+        description="Base URI where `cola-batch serve` keeps uploaded files, batch output "
+        "files and interactive requests; None = `<output>/_api`.",
+    )
+    api_model_name: str | None = Field(
+        None,
+        description="Model id `cola-batch serve` exposes and accepts; None = the basename of "
+        "--model.",
+    )
+    max_request_bytes: int = Field(
+        4 * 2**20,
+        gt=0,
+        description="Largest HTTP request body the API accepts, except file uploads (413).",
+    )
+    max_upload_bytes: int = Field(
+        200 * 2**20, gt=0, description="Largest file the API accepts on POST /v1/files (413)."
+    )
+    chat_templates: str = Field(
+        "",
+        description="Chat template per served model name, e.g. `my-model=chatml,other=text` "
+        "(templates: openai, text, chatml); unlisted models use `openai`.",
+    )
+    api_default_max_tokens: int = Field(
+        256, gt=0, description="max_tokens of an API request that sets none (or 0)."
+    )
+    api_max_tokens_limit: int = Field(
+        4096, gt=0, description="Upper clamp on an API request's max_tokens."
+    )
+    api_request_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="How long /v1/chat/completions and /v1/completions wait for a worker "
+        "before cancelling the request (504).",
+    )
+
     # `cola-batch pool` (local autoscaler). Windows must be longer than a shard: see
     # docs/deploy.md "Sizing".
     pool_poll_s: float = Field(
