@@ -271,7 +271,7 @@ class Pool:
     def step(self, now: float | None = None) -> Decision | None:
         """Reap, observe, decide, reconcile. None when the backlog could not be read."""
         now = time.monotonic() if now is None else now
-        self._reap(now)
+        self.reap(now)
         self._check_started(now)
         try:
             obs = self.observe()
@@ -381,7 +381,9 @@ class Pool:
                 self._set(worker, "stopping", now,
                           f"not up after {self.load_timeout_s:g}s; stopping it")  # fmt: skip
 
-    def _reap(self, now: float) -> None:
+    def reap(self, now: float | None = None) -> None:
+        """Forget workers that exited; kill those stopping for longer than stop_timeout_s."""
+        now = time.monotonic() if now is None else now
         for worker in list(self.workers):
             code = worker.proc.poll()
             if code is None:
