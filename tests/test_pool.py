@@ -16,9 +16,12 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+import typer
+from services import free_port
 from workers import make_tiny_model, write_prompts
 
 from cola_batch import keys, storage
@@ -201,6 +204,11 @@ def children(pid: int) -> set[int]:
     return {int(p) for p in out.stdout.split()}
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
 def wait_for(predicate, timeout_s: float, what: str, log: Path | None = None) -> None:  # noqa: ANN001
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -213,12 +221,14 @@ def wait_for(predicate, timeout_s: float, what: str, log: Path | None = None) ->
 def test_pool_command_scales_from_zero_to_max_and_back_without_losing_a_shard(
     control: Control, tiny_model: Path, tmp_path: Path, redis_url: str
 ) -> None:
-    prompts = write_prompts(tmp_path / "p.jsonl", 32)
+    prompts = write_prompts(tmp_path / "p.jsonl", 16)
     log = tmp_path / "pool.log"
+    port = free_port()
     cmd = [
         sys.executable, "-m", "cola_batch.pool_cli", "--model", str(tiny_model),
         "--min", "0", "--max", "2", "--shards-per-worker", "1", "--poll", "0.5",
         "--scale-up-window", "1", "--scale-down-window", "4", "--log-dir", str(tmp_path),
+        "--metrics-port", str(port),
     ]  # fmt: skip
     env = {**os.environ, "COLA_BATCH_REDIS_URL": redis_url, "COLA_BATCH_MAX_ATTEMPTS": "3"}
     with log.open("wb") as out:
@@ -241,6 +251,10 @@ def test_pool_command_scales_from_zero_to_max_and_back_without_losing_a_shard(
         spec = control.submit([str(prompts)], model=str(tiny_model), sampling=FAST, shard_size=2)
         wait_for(lambda: count() >= 1, 30, "a first worker", log)
         wait_for(lambda: count() == 2, 60, "two workers", log)
+        wait_for(lambda: 'cola_batch_pool_workers{phase="up"} 2.0' in scrape(port), 60,
+                 "both workers up in the pool's metrics", log)  # fmt: skip
+        assert "cola_batch_pool_desired_workers 2.0" in scrape(port)
+        assert 'cola_batch_backlog_shards{queue="cola-batch"}' in scrape(port)
         deadline = time.monotonic() + 120
         while not control.status(spec.job_id).terminal:
             count()
@@ -260,8 +274,8 @@ def test_pool_command_scales_from_zero_to_max_and_back_without_losing_a_shard(
 
     final = control.status(spec.job_id)
     assert final.state is JobState.COMPLETED
-    assert (final.rows_completed, final.shards_completed) == (32, 16)
-    assert_each_row_once_and_each_shard_run_once(control.job_uri(spec.job_id), prompts, 16)
+    assert (final.rows_completed, final.shards_completed) == (16, 8)
+    assert_each_row_once_and_each_shard_run_once(control.job_uri(spec.job_id), prompts, 8)
 
     text = log.read_text()
     assert "pool decision: target 0: hold at 0: backlog 0 shards" in text
@@ -305,3 +319,31 @@ def test_a_worker_running_a_shard_is_drained_only_after_its_shard_commits(
     assert pool.workers == []
     assert control.wait(spec.job_id, timeout_s=30).state is JobState.COMPLETED
     assert_each_row_once_and_each_shard_run_once(job, prompts, 1)
+
+
+def test_pool_command_refuses_more_workers_than_gpus(
+    redis_url: str, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from cola_batch.pool_cli import register
+    from cola_batch.settings import get_settings
+
+    app = typer.Typer()
+    register(app)
+    args = ["--model", str(tiny_model), "--max", "3", "--gpus", "0,1"]
+    monkeypatch.delenv("COLA_BATCH_REDIS_URL", raising=False)
+    get_settings.cache_clear()  # the command reads the process-wide settings
+    try:
+        result = CliRunner().invoke(app, args)
+        assert (result.exit_code, result.output) == (
+            2, "error: COLA_BATCH_REDIS_URL is not set: the pool's workers need the Redis "
+            "jobs go to\n",
+        )  # fmt: skip
+        monkeypatch.setenv("COLA_BATCH_REDIS_URL", redis_url)
+        get_settings.cache_clear()
+        result = CliRunner().invoke(app, args)
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2
+    assert "error: --max 3 exceeds the 2 GPU(s) in --gpus 0,1" in result.output

@@ -463,8 +463,3 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
     proc.wait()
 
-
-__all__ = [
-    "Decision", "Observation", "Pool", "PoolConfig", "PoolState", "PoolWorker",
-    "decide", "desired_workers", "node_name", "pool_slots",
-]  # fmt: skip
