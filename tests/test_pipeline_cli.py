@@ -24,14 +24,34 @@ def test_generate_writes_one_line_per_sample_and_stats(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text('{"prompt": "the quick brown fox"}\n\n{"id": "x", "prompt": ""}\n')
     out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
-    result = CliRunner().invoke(app, [
-        "generate", "--model", str(GOLDEN), "--input", str(src), "--output", str(out),
-        "--max-new-tokens", "5", "--timesteps", "2", "--samples-per-prompt", "2",
-        "--stats-json", str(stats)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(GOLDEN),
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            "5",
+            "--timesteps",
+            "2",
+            "--samples-per-prompt",
+            "2",
+            "--stats-json",
+            str(stats),
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted((r["id"], r["sample_index"]) for r in lines) == [
-        ("0", 0), ("0", 1), ("x", 0), ("x", 1)]
+        ("0", 0),
+        ("0", 1),
+        ("x", 0),
+        ("x", 1),
+    ]
     assert {r["error_code"] for r in lines if r["id"] == "x"} == {"empty_prompt"}
     good = [r for r in lines if r["id"] == "0"]
     assert all(r["completion_tokens"] == 5 for r in good)
@@ -46,6 +66,18 @@ def test_generate_rejects_bad_parameters(tmp_path: Path) -> None:
     app.command()(lambda: None)
     src = tmp_path / "in.jsonl"
     src.write_text('{"prompt": "hi"}\n')
-    result = CliRunner().invoke(app, ["generate", "--model", str(GOLDEN), "--input", str(src),
-                                      "--output", str(tmp_path / "o.jsonl"), "--top-p", "1.5"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(GOLDEN),
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+            "--top-p",
+            "1.5",
+        ],
+    )
     assert result.exit_code != 0 and "top_p" in result.output

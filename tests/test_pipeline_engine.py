@@ -18,8 +18,27 @@ from cola_batch.pipeline.verify_generate import _check_run
 from cola_batch.schemas.sampling import SamplingParams
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "conformance" / "tiny-a"
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven",
-         "wizards", "quietly", "judge", "boxing", "matches", "in", "the", "morning"]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "judge",
+    "boxing",
+    "matches",
+    "in",
+    "the",
+    "morning",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +48,17 @@ def model():
 
 @pytest.fixture(scope="module")
 def golden():
-    return json.loads((GOLDEN / "generate.json").read_text()), \
-        load_file(str(GOLDEN / "generate.safetensors"))
+    return json.loads((GOLDEN / "generate.json").read_text()), load_file(
+        str(GOLDEN / "generate.safetensors")
+    )
 
 
 def _requests(n: int, seed: int = 0) -> list[RowRequest]:
     rnd = random.Random(seed)
-    return [RowRequest(f"row-{i}", " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(1, 25))))
-            for i in range(n)]
+    return [
+        RowRequest(f"row-{i}", " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(1, 25))))
+        for i in range(n)
+    ]
 
 
 def _run(engine: Engine, reqs, params, trace=None):
@@ -48,9 +70,14 @@ def _run(engine: Engine, reqs, params, trace=None):
         engine.trace = None
 
 
-@pytest.mark.parametrize(("mode", "name"), [
-    ("fp32_sdpa", "greedy_ts4_mnt16"), ("fp32_naive", "greedy_ts4_mnt24"),
-    ("fp32_naive", "sampled_ts16_mnt24_T0.8_k20_p0.9")])
+@pytest.mark.parametrize(
+    ("mode", "name"),
+    [
+        ("fp32_sdpa", "greedy_ts4_mnt16"),
+        ("fp32_naive", "greedy_ts4_mnt24"),
+        ("fp32_naive", "sampled_ts16_mnt24_T0.8_k20_p0.9"),
+    ],
+)
 def test_reproduces_recorded_reference_runs(model, golden, mode, name) -> None:
     data, tensors = golden
     run = next(r for r in data["runs"] if r["mode"] == mode and r["name"] == name)
@@ -107,7 +134,7 @@ def test_a_row_that_emits_eos_stops_and_a_waiting_row_takes_its_place(model) -> 
     for rid, res in out.items():
         full = base[rid].token_ids
         if stop_tok in full:
-            assert res.finish_reason == "stop" and res.token_ids == full[:full.index(stop_tok)]
+            assert res.finish_reason == "stop" and res.token_ids == full[: full.index(stop_tok)]
         else:
             assert res.finish_reason == "length" and res.token_ids == full
     assert max(len(s) for s in steps) <= 2
@@ -122,8 +149,7 @@ def test_max_new_tokens_accounting(model) -> None:
         assert res.finish_reason in ("length", "stop")
         if res.finish_reason == "length":
             assert res.completion_tokens == len(res.token_ids) == 7
-    ref = _run(engine, reqs, SamplingParams(max_new_tokens=7, timesteps=2,
-                                            stop_mode="reference"))
+    ref = _run(engine, reqs, SamplingParams(max_new_tokens=7, timesteps=2, stop_mode="reference"))
     S = model.dit.config.block_size
     for r in reqs:
         n = ref[r.row_id].prompt_tokens
@@ -133,8 +159,11 @@ def test_max_new_tokens_accounting(model) -> None:
 
 def test_bad_rows_yield_errors_without_aborting_others(model) -> None:
     engine = Engine(model, dtype="bf16", max_context=64)
-    reqs = [RowRequest("ok", "the quick brown fox"), RowRequest("empty", ""),
-            RowRequest("long", "the quick brown fox " * 40)]
+    reqs = [
+        RowRequest("ok", "the quick brown fox"),
+        RowRequest("empty", ""),
+        RowRequest("long", "the quick brown fox " * 40),
+    ]
     out = _run(engine, reqs, SamplingParams(max_new_tokens=4, timesteps=2))
     assert out["ok"].finish_reason == "length" and out["ok"].token_ids
     assert (out["empty"].finish_reason, out["empty"].error_code) == ("error", "empty_prompt")

@@ -79,9 +79,13 @@ def test_row_seed_is_stable_and_separates_every_field() -> None:
     base = rng.row_seed("noise", 7, "row-1", 0, 0)
     assert base == rng.row_seed("noise", 7, "row-1", 0, 0)
     assert 0 <= base < 2**63
-    variants = {rng.row_seed("noise", 8, "row-1", 0, 0), rng.row_seed("noise", 7, "row-2", 0, 0),
-                rng.row_seed("noise", 7, "row-1", 1, 0), rng.row_seed("noise", 7, "row-1", 0, 1),
-                rng.row_seed("tokens", 7, "row-1", 0, 0)}
+    variants = {
+        rng.row_seed("noise", 8, "row-1", 0, 0),
+        rng.row_seed("noise", 7, "row-2", 0, 0),
+        rng.row_seed("noise", 7, "row-1", 1, 0),
+        rng.row_seed("noise", 7, "row-1", 0, 1),
+        rng.row_seed("tokens", 7, "row-1", 0, 0),
+    }
     assert base not in variants and len(variants) == 5
 
 
@@ -96,8 +100,12 @@ def test_reference_seed_formula_and_id_conversion() -> None:
 
 def test_prompt_plan_worked_examples_of_the_spec() -> None:
     # (L, pad, prefix, pinned, trim) for S = 16, P = 1 (spec/inference.md §3.6)
-    for n, want in [(37, (11, 32, 5, 5)), (48, (0, 48, 0, 0)), (10, (6, 0, 10, 10)),
-                    (16, (0, 16, 0, 0))]:
+    for n, want in [
+        (37, (11, 32, 5, 5)),
+        (48, (0, 48, 0, 0)),
+        (10, (6, 0, 10, 10)),
+        (16, (0, 16, 0, 0)),
+    ]:
         p = plan_prompt(n, 16)
         assert (p.pad, p.prefix_latents, p.pinned, p.trim) == want
 

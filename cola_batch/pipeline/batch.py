@@ -7,22 +7,29 @@ Contract:
   running row (noise, N Euler steps with cond/uncond passes and CFG, pins in block 0, decode,
   token choice, stop rules, DiT commit) and returns the rows that finished.
 * Batch invariance (per-row mode): every model call is built so that a row's numbers do not
-  depend on its batch-mates, measured on this CPU (torch 2.13, oneDNN/MKL, 1 and 2 threads):
-  - The model attends over per-sample keys padded to the batch maximum. PyTorch's CPU SDPA
-    kernels change the last bits when the padding changes; an explicit matmul → softmax →
-    matmul core does not, provided a sample's valid keys sit contiguously at the front (tail
-    padding only). So the conditional pass is an `update_cache=True` call (keys are the cache
-    followed by the new rows at their true positions) whose length bump is undone with
-    `KVCache.advance(-q)`; the junk rows it leaves past the valid length are masked and are
-    overwritten by the next write. The DiT runs the explicit core (`reference_numerics`) for
-    batched calls; with SDPA (fp32 without reference numerics) DiT calls are split into
-    groups of rows with identical cache lengths, whose padded problems equal the solo ones.
-  - The VAE always uses SDPA, so decoder calls are grouped by cache length and prompts are
-    encoded in groups of equal padded length (no padding at all).
-  - GEMMs give row-invariant results for ≥ 4 rows (fp32: M ∈ {4, 8} or ≥ 12; bf16: ≥ 2); every
-    call here has a multiple of S rows per sample, so S % 4 == 0 keeps every call safe.
-  - Elementwise ops are vectorised identically when rows are 16-element aligned (widths of
-    the model are multiples of 16); noise and token draws come from per-row generators.
+  depend on its batch-mates. Measured on this CPU (torch 2.13, oneDNN/MKL, 1 and 2 threads):
+  - The model pads each sample's keys to the call's largest key length. PyTorch's CPU SDPA
+    changes the last bits whenever that padding changes. The explicit matmul → softmax →
+    matmul core (the DiT's `reference_numerics` path) gives identical results for every
+    zero-tail width >= 32 but a different result below 32 (bf16 vector width), and only if
+    a sample's valid keys sit contiguously at the front. Hence, for batched DiT calls:
+    (1) the conditional pass is an `update_cache=True` call (cache then the new rows at
+    their true positions, tail padding only) whose length bump is undone with
+    `KVCache.advance(-q)` — the rows it leaves past the valid length are masked and are
+    overwritten by the next write; (2) every cache-reading call carries a first dummy
+    sample with WIDTH_FLOOR cached zero positions and no query rows, so every width is in
+    the >= 32 regime, alone or batched; (3) the DiT runs the explicit core (dtype bf16, or
+    fp32 with reference numerics). With SDPA (fp32 without reference numerics) DiT calls are
+    instead split into groups of rows with identical cache lengths (no padding differences).
+  - The VAE always uses SDPA, so decoder calls are grouped by cache length, prefill calls
+    by prefix length, and prompts are encoded in groups of equal padded length.
+  - GEMMs give row-invariant results for M in {4, 8} or >= 12 rows (fp32, 2 threads) and
+    M >= 2 (bf16); rows per call are multiples of S, so S % 4 == 0 keeps every call safe.
+    Per-sample timesteps (AdaLN on B rows) are used only when B is such a count.
+  - Elementwise ops vectorise identically when rows are 16-element aligned (model widths
+    are multiples of 16); noise and token draws come from per-row generators.
+  - Bit-identity is verified by tests (tests/test_pipeline_engine.py) on this CPU; other CPUs
+    and GPUs (cuBLAS/cuDNN heuristics) may need the same measurements redone.
 """
 
 from __future__ import annotations
@@ -77,6 +84,15 @@ class RowState:
 class Part:
     rows: list[RowState]
     cache: KVCache
+    # 1 when cache sample 0 is the width-floor dummy (batched DiT part), else 0.
+    dummy: int = 0
+
+
+# Batched DiT calls carry a first "dummy" sample with this many cached (zero) positions and no
+# query rows, so every padded key width is >= WIDTH_FLOOR. The explicit attention core gives
+# identical results for every zero-tail width >= 32 (bf16 vector width) but a different result
+# below it; the floor keeps a short row in the same regime alone and in any batch.
+WIDTH_FLOOR = 64
 
 
 @dataclass(frozen=True)
@@ -97,15 +113,21 @@ def _lens(values: Sequence[int], device: torch.device) -> torch.Tensor:
 
 
 class RunningBatch:
-    def __init__(self, model: ColaModel, cfg: RunConfig, device: torch.device,
-                 autocast: bool, grouped_dit: bool,
-                 sample_generator: torch.Generator | None = None,
-                 dit_forward: Callable[..., torch.Tensor] | None = None,
-                 trace: Callable[[RowState, torch.Tensor, torch.Tensor], None] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        model: ColaModel,
+        cfg: RunConfig,
+        device: torch.device,
+        autocast: bool,
+        act_dtype: torch.dtype,
+        grouped_dit: bool,
+        sample_generator: torch.Generator | None = None,
+        dit_forward: Callable[..., torch.Tensor] | None = None,
+        trace: Callable[[RowState, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> None:
         self.model, self.cfg, self.device = model, cfg, device
         self.trace = trace
-        self.autocast, self.grouped_dit = autocast, grouped_dit
+        self.autocast, self.grouped_dit, self.act = autocast, grouped_dit, act_dtype
         self.dit_forward = dit_forward or model.dit
         self.sample_generator = sample_generator
         self.S = model.dit.config.block_size
@@ -115,8 +137,7 @@ class RunningBatch:
         self.vocab = model.vae.config.vocab_size
         grid = torch.linspace(cfg.T, 0.0, cfg.steps + 1, dtype=torch.float32)
         self.t_model = grid.to(torch.bfloat16).float().tolist()
-        self.dt = [((grid[i] - grid[i + 1]) / max(cfg.T, 1.0)).to(device)
-                   for i in range(cfg.steps)]
+        self.dt = [((grid[i] - grid[i + 1]) / max(cfg.T, 1.0)).to(device) for i in range(cfg.steps)]
         self.dit_parts: list[Part] = []
         self.vae_parts: list[Part] = []
 
@@ -134,8 +155,11 @@ class RunningBatch:
         return sum(len(p.rows) for p in self.dit_parts)
 
     def _num_layers(self, which: str) -> int:
-        return (self.model.dit.config.num_layers if which == "dit"
-                else self.model.vae.config.decoder_num_blocks)
+        return (
+            self.model.dit.config.num_layers
+            if which == "dit"
+            else self.model.vae.config.decoder_num_blocks
+        )
 
     @staticmethod
     def _merge(parts: list[Part], new: Part, by_k: bool) -> None:
@@ -145,7 +169,11 @@ class RunningBatch:
                     p.rows.extend(new.rows)
                     p.cache = p.cache.concat(new.cache)
                     return
-        elif parts:
+        else:
+            if not parts:
+                dummy = KVCache(new.cache.num_layers, 1)
+                dummy.advance(torch.tensor([WIDTH_FLOOR]))
+                parts.append(Part([], dummy, 1))
             parts[0].rows.extend(new.rows)
             parts[0].cache = parts[0].cache.concat(new.cache)
             return
@@ -165,10 +193,17 @@ class RunningBatch:
                 z = torch.cat([r.latents[:p] for r in rows]).to(self.device)
                 lens = _lens([p] * n, self.device)
                 with torch.no_grad(), self.ctx():
-                    self.dit_forward(z.to(torch.bfloat16).float(), lens, lens,
-                                     torch.zeros(z.shape[0], device=self.device),
-                                     cache=dit_cache, update_cache=True)
-                    self.model.vae.decode(z, lens, lens, cache=vae_cache, update_cache=True)
+                    self.dit_forward(
+                        z.to(torch.bfloat16).to(self.act),
+                        lens,
+                        lens,
+                        self._times(0.0, n, n * p, None),
+                        cache=dit_cache,
+                        update_cache=True,
+                    )
+                    self.model.vae.decode(
+                        z.to(self.act), lens, lens, cache=vae_cache, update_cache=True
+                    )
             for r in rows:
                 r.k = p
                 r.latents = None
@@ -184,7 +219,9 @@ class RunningBatch:
                 if len(keep) == len(p.rows):
                     kept_parts.append(p)
                 elif keep:
-                    kept_parts.append(Part([p.rows[i] for i in keep], p.cache.select(keep)))
+                    idx = list(range(p.dummy)) + [i + p.dummy for i in keep]
+                    rows = [p.rows[i] for i in keep]
+                    kept_parts.append(Part(rows, p.cache.select(idx), p.dummy))
             parts[:] = kept_parts
 
     # ------------------------------------------------------------------ one block
@@ -192,8 +229,7 @@ class RunningBatch:
         if self.cfg.reference_noise:
             seed = rng.reference_noise_seed(self.cfg.noise_base, r.row_id, r.block)
         else:
-            seed = rng.row_seed(rng.NOISE, self.cfg.noise_base, r.row_id, r.sample_index,
-                                r.block)
+            seed = rng.row_seed(rng.NOISE, self.cfg.noise_base, r.row_id, r.sample_index, r.block)
         return rng.block_noise(seed, self.S, self.d)
 
     def _denoise(self, part: Part) -> torch.Tensor:
@@ -205,36 +241,61 @@ class RunningBatch:
         w0 = float(torch.tensor(cfg.guidance).to(torch.bfloat16))  # block-0 vector is bf16
         for i, r in enumerate(part.rows):
             if r.block == 0:
-                scale[i * S:(i + 1) * S] = w0 if r.plan.prefix_latents > 0 else 1.0
+                scale[i * S : (i + 1) * S] = w0 if r.plan.prefix_latents > 0 else 1.0
                 if r.pinned is not None:
                     m = r.pinned.shape[0]
-                    pin_mask[i * S:i * S + m] = True
-                    pin_vals[i * S:i * S + m] = r.pinned
+                    pin_mask[i * S : i * S + m] = True
+                    pin_vals[i * S : i * S + m] = r.pinned
             else:
-                scale[i * S:(i + 1) * S] = cfg.guidance
+                scale[i * S : (i + 1) * S] = cfg.guidance
         has_pins = bool(pin_mask.any())
         pin_mask, pin_vals = pin_mask.to(self.device), pin_vals.to(self.device)
         q = _lens([S] * n, self.device)
-        kk = _lens([r.k + S for r in part.rows], self.device)
-        tau = torch.empty(n * S, device=self.device)
+        kk_c, q_c = self._cached_lens(part)
         scale_dev = scale.to(self.device)
+        pins = pin_mask if has_pins else None
         with torch.no_grad():
             for step in range(cfg.steps):
-                tau.fill_(self.t_model[step])
+                t = self.t_model[step]
                 if has_pins:
-                    tau.masked_fill_(pin_mask, 0.0)
                     z = torch.where(pin_mask[:, None], pin_vals, z)
-                xin = z.to(torch.bfloat16).float()
+                xin = z.to(torch.bfloat16).to(self.act)
                 with self.ctx():
-                    c = self.dit_forward(xin, kk, q, tau, cache=part.cache, update_cache=True)
-                    part.cache.advance(-q)
-                    u = self.dit_forward(xin, q, q, tau)
+                    c = self.dit_forward(
+                        xin,
+                        kk_c,
+                        q_c,
+                        self._times(t, n + part.dummy, n * S, pins),
+                        cache=part.cache,
+                        update_cache=True,
+                    )
+                    part.cache.advance(-q_c)
+                    u = self.dit_forward(xin, q, q, self._times(t, n, n * S, pins))
                 s = scale_dev.to(c.dtype)
                 v = s * (c - u) + u
                 z = z - (v * self.dt[step]).float()
                 if has_pins:
                     z = torch.where(pin_mask[:, None], pin_vals, z)
         return z
+
+    def _cached_lens(self, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_lens, q_lens) of a cache-reading call on `part`, width-floor dummy first."""
+        S = self.S
+        k = [WIDTH_FLOOR] * part.dummy + [r.k + S for r in part.rows]
+        q = [0] * part.dummy + [S] * len(part.rows)
+        return _lens(k, self.device), _lens(q, self.device)
+
+    def _times(self, t: float, samples: int, rows: int, pins: torch.Tensor | None) -> torch.Tensor:
+        """Timesteps of one call: per sample (B,) when uniform, else per token (rows,).
+
+        Per sample, the model runs its AdaLN linears on B rows instead of one per token. That
+        is bit-identical to the per-token form only when B is a GEMM-row-invariant count
+        ({4, 8} or >= 12, see module docstring), so other counts use per-token times.
+        """
+        if pins is None and (samples in (4, 8) or samples >= 12):
+            return torch.full((samples,), t, device=self.device)
+        tau = torch.full((rows,), t, device=self.device)
+        return tau.masked_fill_(pins, 0.0) if pins is not None else tau
 
     def step(self) -> list[RowState]:
         """Advance every row by one block; return the rows that finished (or failed)."""
@@ -243,19 +304,21 @@ class RunningBatch:
         for part in self.dit_parts:
             z = self._denoise(part)
             for i, r in enumerate(part.rows):
-                zs[id(r)] = z[i * S:(i + 1) * S]
-        failed = [r for p in self.dit_parts for r in p.rows
-                  if not bool(torch.isfinite(zs[id(r)]).all())]
+                zs[id(r)] = z[i * S : (i + 1) * S]
+        failed = [
+            r for p in self.dit_parts for r in p.rows if not bool(torch.isfinite(zs[id(r)]).all())
+        ]
         for r in failed:
             r.error = ("nan_latents", f"non-finite latents in block {r.block}")
         logits: dict[int, torch.Tensor] = {}
         for part in self.vae_parts:
             n = len(part.rows)
-            z = torch.cat([zs[id(r)] for r in part.rows])
+            z = torch.cat([zs[id(r)] for r in part.rows]).to(self.act)
             kk = _lens([r.k + S for r in part.rows], self.device)
             with torch.no_grad(), self.ctx():
-                out = self.model.vae.decode(z, kk, _lens([S] * n, self.device),
-                                            cache=part.cache, update_cache=True)
+                out = self.model.vae.decode(
+                    z, kk, _lens([S] * n, self.device), cache=part.cache, update_cache=True
+                )
             out = out.reshape(n, C, -1)
             for i, r in enumerate(part.rows):
                 logits[id(r)] = out[i]
@@ -275,22 +338,33 @@ class RunningBatch:
 
     def _choose(self, rows: list[RowState], logits: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        hist = history_mask([r.history for r in rows], logits.shape[-1], logits.device) \
-            if cfg.sampler.repetition_penalty != 1.0 else None
+        hist = (
+            history_mask([r.history for r in rows], logits.shape[-1], logits.device)
+            if cfg.sampler.repetition_penalty != 1.0
+            else None
+        )
         draw = None
         if not cfg.sampler.greedy:
             if cfg.reference_noise:
                 assert self.sample_generator is not None
                 draw = reference_draw(self.sample_generator)
             else:
-                draw = inverse_cdf_draw([rng.generator(rng.row_seed(
-                    rng.TOKENS, cfg.noise_base, r.row_id, r.sample_index, r.block))
-                    for r in rows])
+                draw = inverse_cdf_draw(
+                    [
+                        rng.generator(
+                            rng.row_seed(
+                                rng.TOKENS, cfg.noise_base, r.row_id, r.sample_index, r.block
+                            )
+                        )
+                        for r in rows
+                    ]
+                )
         with torch.no_grad():
             return select_tokens(logits, hist, cfg.sampler, draw).cpu()
 
-    def _bookkeep(self, rows: list[RowState], tokens: torch.Tensor,
-                  failed: set[int]) -> list[RowState]:
+    def _bookkeep(
+        self, rows: list[RowState], tokens: torch.Tensor, failed: set[int]
+    ) -> list[RowState]:
         cfg, stops = self.cfg, set(self.cfg.specials.stops)
         done: list[RowState] = []
         for i, r in enumerate(rows):
@@ -302,22 +376,23 @@ class RunningBatch:
             if cfg.reference_stop:
                 r.stop_flag = r.stop_flag or any(t in stops for t in new)
                 continue
-            gen = r.history[r.plan.trim:]
+            gen = r.history[r.plan.trim :]
             fresh_from = max(0, len(gen) - (len(new) - (r.plan.trim if r.block == 0 else 0)))
             cut = next((j for j in range(fresh_from, len(gen)) if gen[j] in stops), None)
             if cut is not None and cut < cfg.max_new_tokens:
                 r.result_tokens, r.finish_reason = gen[:cut], "stop"
             elif len(gen) >= cfg.max_new_tokens or r.block + 1 >= r.blocks_total:
-                r.result_tokens, r.finish_reason = gen[:cfg.max_new_tokens], "length"
+                r.result_tokens, r.finish_reason = gen[: cfg.max_new_tokens], "length"
             else:
                 continue
             done.append(r)
         if cfg.reference_stop:
             live = [r for r in rows if id(r) not in failed]
-            if live and (all(r.stop_flag for r in live)
-                         or all(r.block + 1 >= r.blocks_total for r in live)):
+            if live and (
+                all(r.stop_flag for r in live) or all(r.block + 1 >= r.blocks_total for r in live)
+            ):
                 for r in live:
-                    r.result_tokens = r.history[min(r.plan.trim, len(r.history)):]
+                    r.result_tokens = r.history[min(r.plan.trim, len(r.history)) :]
                     r.finish_reason = "stop" if r.stop_flag else "length"
                     done.append(r)
         return done
@@ -327,9 +402,14 @@ class RunningBatch:
         for part in self.dit_parts:
             n = len(part.rows)
             z = torch.cat([zs[id(r)] for r in part.rows])
-            kk = _lens([r.k + S for r in part.rows], self.device)
+            kk_c, q_c = self._cached_lens(part)
             with torch.no_grad(), self.ctx():
-                self.dit_forward(z.to(torch.bfloat16).float(), kk, _lens([S] * n, self.device),
-                                 torch.zeros(n * S, device=self.device), cache=part.cache,
-                                 update_cache=True)
+                self.dit_forward(
+                    z.to(torch.bfloat16).to(self.act),
+                    kk_c,
+                    q_c,
+                    self._times(0.0, n + part.dummy, n * S, None),
+                    cache=part.cache,
+                    update_cache=True,
+                )
         # Decoder caches were appended by the decode itself; nothing else to commit.

@@ -34,8 +34,11 @@ def read_rows(path: Path, prompt_column: str, id_column: str) -> list[tuple[str,
 
         records: list[dict[str, Any]] = pq.read_table(path).to_pylist()
     else:
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-                   if line.strip()]
+        records = [
+            json.loads(line)
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
     rows = []
     for i, rec in enumerate(records):
         if prompt_column not in rec:
@@ -48,10 +51,12 @@ def read_rows(path: Path, prompt_column: str, id_column: str) -> list[tuple[str,
 def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate(
-        model: Path = typer.Option(..., "--model", help="folder with cola_vae/, cola_dit/, "
-                                   "tokenizer.json"),
-        input: Path = typer.Option(..., "--input", exists=True, dir_okay=False,
-                                   help="JSONL or Parquet file of prompts"),
+        model: Path = typer.Option(
+            ..., "--model", help="folder with cola_vae/, cola_dit/, tokenizer.json"
+        ),
+        input: Path = typer.Option(
+            ..., "--input", exists=True, dir_okay=False, help="JSONL or Parquet file of prompts"
+        ),
         output: Path = typer.Option(..., "--output", help="JSONL file of results"),
         max_new_tokens: int = typer.Option(32),
         temperature: float = typer.Option(0.0),
@@ -86,27 +91,42 @@ def register(app: typer.Typer) -> None:
 
         try:
             params = SamplingParams(
-                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p, repetition_penalty=repetition_penalty,
-                guidance_scale=guidance_scale, timesteps=timesteps,
-                samples_per_prompt=samples_per_prompt, seed=seed)
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                repetition_penalty=repetition_penalty,
+                guidance_scale=guidance_scale,
+                timesteps=timesteps,
+                samples_per_prompt=samples_per_prompt,
+                seed=seed,
+            )
         except pydantic.ValidationError as exc:
             raise typer.BadParameter(str(exc)) from exc
         rows = read_rows(input, prompt_column, id_column)
         try:
-            engine = Engine(load_model(model), device=device, dtype=dtype,
-                            batch_tokens=batch_tokens)
+            engine = Engine(
+                load_model(model), device=device, dtype=dtype, batch_tokens=batch_tokens
+            )
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
-        requests = [RowRequest(rid, prompt, k) for rid, prompt in rows
-                    for k in range(samples_per_prompt)]
+        requests = [
+            RowRequest(rid, prompt, k) for rid, prompt in rows for k in range(samples_per_prompt)
+        ]
         output.parent.mkdir(parents=True, exist_ok=True)
         tokens, errors = 0, 0
         start = time.perf_counter()
-        with output.open("w", encoding="utf-8") as out, Progress(
-                TextColumn("generate"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[tps]:.1f} tok/s"), TimeElapsedColumn(),
-                TimeRemainingColumn()) as bar:
+        with (
+            output.open("w", encoding="utf-8") as out,
+            Progress(
+                TextColumn("generate"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[tps]:.1f} tok/s"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            ) as bar,
+        ):
             task = bar.add_task("rows", total=len(requests), tps=0.0)
             for res in engine.generate(requests, params):
                 record = asdict(res)
@@ -117,10 +137,17 @@ def register(app: typer.Typer) -> None:
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 bar.update(task, advance=1, tps=tokens / elapsed)
         seconds = time.perf_counter() - start
-        stats = {"rows": len(requests), "errors": errors, "generated_tokens": tokens,
-                 "generation_seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9),
-                 "peak_rss_bytes": _peak_rss_bytes()}
+        stats = {
+            "rows": len(requests),
+            "errors": errors,
+            "generated_tokens": tokens,
+            "generation_seconds": seconds,
+            "tokens_per_second": tokens / max(seconds, 1e-9),
+            "peak_rss_bytes": _peak_rss_bytes(),
+        }
         if stats_json is not None:
             stats_json.write_text(json.dumps(stats, indent=2))
-        typer.echo(f"{len(requests)} rows, {tokens} tokens in {seconds:.1f}s "
-                   f"({stats['tokens_per_second']:.1f} tok/s), {errors} errors -> {output}")
+        typer.echo(
+            f"{len(requests)} rows, {tokens} tokens in {seconds:.1f}s "
+            f"({stats['tokens_per_second']:.1f} tok/s), {errors} errors -> {output}"
+        )

@@ -17,20 +17,25 @@ Contract:
   reproduces the reference's per-sample noise seeding and its single sampling generator.
 * Out of memory during a batch: its rows are re-queued from scratch with half the row cap
   (results are unchanged in per-row mode); a row that fails alone gets error_code "oom".
-* Numerics: dtype "bf16" runs the models under bf16 autocast (DiT attention in the explicit
-  bf16 core); "fp32" runs fp32 (DiT attention SDPA, or the reference's bf16 core with
-  `reference_numerics=True`). DiT inputs and timesteps are bf16-rounded as in the reference.
+* Numerics: dtype "bf16" (default) stores bf16 weights (a bf16 copy of fp32 weights is made if
+  needed) and runs under bf16 autocast, so norms, softmax and RoPE stay fp32 inside the model
+  and no weight is re-cast per call; "bf16-autocast" keeps fp32 weights under autocast (the
+  reference's GPU recipe; same numbers, slower on CPU because autocast re-casts every weight
+  on every call); both use the explicit bf16 DiT attention core. "fp32" runs fp32 (DiT
+  attention SDPA, or the reference's bf16 core with `reference_numerics=True`). DiT inputs
+  and timesteps are bf16-rounded as in the reference.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from cola_batch.model.checkpoint import ColaModel
+from cola_batch.model.checkpoint import ColaModel, keep_fp32
 from cola_batch.pipeline import rng
 from cola_batch.pipeline.batch import RowState, RunConfig, RunningBatch
 from cola_batch.pipeline.layout import blocks_needed, plan_prompt, special_ids, tokenize
@@ -59,7 +64,20 @@ class RowResult:
     error_message: str | None = None
 
 
-DTYPES = ("bf16", "fp32")
+DTYPES = ("bf16", "bf16-autocast", "fp32")
+
+
+def _cast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`module` itself if its weights already have `dtype`, else a converted copy."""
+    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    floating = [(n, t) for n, t in tensors if t.is_floating_point() and not keep_fp32(n)]
+    if all(t.dtype == dtype for _, t in floating):
+        return module
+    out = copy.deepcopy(module)
+    for name, t in list(out.named_parameters()) + list(out.named_buffers()):
+        if t.is_floating_point() and not keep_fp32(name):
+            t.data = t.data.to(dtype)
+    return out
 
 
 def _check_device(device: str) -> torch.device:
@@ -75,10 +93,18 @@ def _check_device(device: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, model: ColaModel, *, device: str = "cpu", dtype: str = "bf16",
-                 reference_numerics: bool = False, batch_tokens: int = 4096,
-                 compile: bool = False, max_rows: int = 256,
-                 max_context: int = 8192) -> None:
+    def __init__(
+        self,
+        model: ColaModel,
+        *,
+        device: str = "cpu",
+        dtype: str = "bf16",
+        reference_numerics: bool = False,
+        batch_tokens: int = 4096,
+        compile: bool = False,
+        max_rows: int = 256,
+        max_context: int = 8192,
+    ) -> None:
         self.device = _check_device(device)
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {DTYPES}")
@@ -86,11 +112,17 @@ class Engine:
             raise ValueError("batch_tokens, max_rows and max_context must be positive")
         if model.tokenizer is None:
             raise ValueError("the model has no tokenizer")
-        self.model, self.dtype = model, dtype
+        self.dtype = dtype
+        weights = torch.bfloat16 if dtype == "bf16" else torch.float32
+        model = ColaModel(
+            vae=_cast_module(model.vae, weights).to(self.device),
+            dit=_cast_module(model.dit, weights).to(self.device),
+            tokenizer=model.tokenizer,
+            root=model.root,
+        )
+        self.model = model
         self.reference_numerics = reference_numerics
         self.batch_tokens, self.max_rows, self.max_context = batch_tokens, max_rows, max_context
-        model.vae.to(self.device)
-        model.dit.to(self.device)
         self.specials = special_ids(model.tokenizer)
         self._dit_forward: Callable[..., torch.Tensor] | None = None
         if compile:
@@ -101,10 +133,12 @@ class Engine:
         self.trace: Callable[[RowState, torch.Tensor, torch.Tensor], None] | None = None
 
     # ------------------------------------------------------------------ rows
-    def _error(self, req: RowRequest, code: str, msg: str, seed: int,
-               prompt_tokens: int = 0) -> RowResult:
-        return RowResult(req.row_id, req.sample_index, "", [], "error", prompt_tokens, 0, seed,
-                         code, msg)
+    def _error(
+        self, req: RowRequest, code: str, msg: str, seed: int, prompt_tokens: int = 0
+    ) -> RowResult:
+        return RowResult(
+            req.row_id, req.sample_index, "", [], "error", prompt_tokens, 0, seed, code, msg
+        )
 
     def _seed(self, req: RowRequest, params: SamplingParams) -> int:
         if params.noise_mode == "reference":
@@ -114,8 +148,7 @@ class Engine:
                 return params.seed
         return rng.row_base_seed(params.seed, req.row_id, req.sample_index)
 
-    def _prepare(self, req: RowRequest, seq: int, params: SamplingParams
-                 ) -> RowState | RowResult:
+    def _prepare(self, req: RowRequest, seq: int, params: SamplingParams) -> RowState | RowResult:
         seed = self._seed(req, params)
         if not isinstance(req.prompt, str) or req.prompt == "":
             return self._error(req, "empty_prompt", "the prompt is empty", seed)
@@ -127,17 +160,25 @@ class Engine:
             return self._error(req, "empty_prompt", "the prompt encodes to no tokens", seed)
         S, P = self.model.dit.config.block_size, self.model.vae.config.patch_size
         plan = plan_prompt(len(ids), S, P)
-        blocks = blocks_needed(params.max_new_tokens, S * P, plan.trim,
-                               params.stop_mode == "reference")
+        blocks = blocks_needed(
+            params.max_new_tokens, S * P, plan.trim, params.stop_mode == "reference"
+        )
         if plan.padded_tokens + blocks * S * P > self.max_context:
-            return self._error(req, "prompt_too_long",
-                               f"{len(ids)} prompt tokens + {blocks * S * P} generated exceed "
-                               f"the context limit of {self.max_context}", seed, len(ids))
+            return self._error(
+                req,
+                "prompt_too_long",
+                f"{len(ids)} prompt tokens + {blocks * S * P} generated exceed "
+                f"the context limit of {self.max_context}",
+                seed,
+                len(ids),
+            )
         return RowState(req.row_id, req.sample_index, seq, ids, plan, blocks, seed)
 
     def _cost(self, r: RowState) -> int:
-        return r.plan.padded_tokens + r.blocks_total * self.model.dit.config.block_size \
-            * self.model.vae.config.patch_size
+        return (
+            r.plan.padded_tokens
+            + r.blocks_total * self.model.dit.config.block_size * self.model.vae.config.patch_size
+        )
 
     def _encode(self, rows: list[RowState], autocast: bool) -> None:
         """Scaled prompt latents, encoded in groups of equal padded length (no padding)."""
@@ -147,44 +188,85 @@ class Engine:
         for r in rows:
             by_len[r.plan.padded_tokens].append(r)
         for group in by_len.values():
-            ids = [torch.tensor(r.ids + [self.specials.pad] * r.plan.pad, dtype=torch.long,
-                                device=self.device) for r in group]
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                 enabled=autocast):
+            ids = [
+                torch.tensor(
+                    r.ids + [self.specials.pad] * r.plan.pad, dtype=torch.long, device=self.device
+                )
+                for r in group
+            ]
+            with (
+                torch.no_grad(),
+                torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast),
+            ):
                 means = vae.encode(ids)
             for r, m in zip(group, means, strict=True):
                 z = (m.float() - shift) * scale
                 r.latents = z
                 p, pin = r.plan.prefix_latents, r.plan.pinned
-                r.pinned = z[p:p + pin].clone() if pin else None
+                r.pinned = z[p : p + pin].clone() if pin else None
 
     def _result(self, r: RowState) -> RowResult:
         if r.error is not None:
-            return RowResult(r.row_id, r.sample_index, "", [], "error", r.plan.n_tokens, 0,
-                             r.seed, r.error[0], r.error[1])
+            return RowResult(
+                r.row_id,
+                r.sample_index,
+                "",
+                [],
+                "error",
+                r.plan.n_tokens,
+                0,
+                r.seed,
+                r.error[0],
+                r.error[1],
+            )
         toks = list(r.result_tokens or [])
         text = self.model.tokenizer.decode(toks, skip_special_tokens=False)
-        return RowResult(r.row_id, r.sample_index, text, toks, r.finish_reason or "length",
-                         r.plan.n_tokens, len(toks), r.seed)
+        return RowResult(
+            r.row_id,
+            r.sample_index,
+            text,
+            toks,
+            r.finish_reason or "length",
+            r.plan.n_tokens,
+            len(toks),
+            r.seed,
+        )
 
     # ------------------------------------------------------------------ main loop
-    def generate(self, requests: Iterable[RowRequest], params: SamplingParams, *,
-                 progress: Callable[[RowResult], None] | None = None) -> Iterator[RowResult]:
+    def generate(
+        self,
+        requests: Iterable[RowRequest],
+        params: SamplingParams,
+        *,
+        progress: Callable[[RowResult], None] | None = None,
+    ) -> Iterator[RowResult]:
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a SamplingParams")
-        autocast = self.dtype == "bf16"
+        # bf16 weights still run under autocast: norms then emit fp32, so the DiT cache is
+        # fp32 and the attention core reads it through a fresh contiguous bf16 copy. Feeding
+        # bf16 activations instead stores a bf16 cache that the core reads in place, and the
+        # batched GEMM's result then depends on the cache's capacity (set by batch-mates).
+        autocast = self.dtype != "fp32"
         dit = self.model.dit
-        explicit_core = self.reference_numerics or autocast
+        explicit_core = self.reference_numerics or self.dtype != "fp32"
+        act = torch.float32
         cfg = RunConfig(
-            steps=params.timesteps, guidance=params.guidance_scale,
-            sampler=SamplerConfig(params.temperature, params.top_k, params.top_p,
-                                  params.repetition_penalty),
+            steps=params.timesteps,
+            guidance=params.guidance_scale,
+            sampler=SamplerConfig(
+                params.temperature, params.top_k, params.top_p, params.repetition_penalty
+            ),
             max_new_tokens=params.max_new_tokens,
             reference_noise=params.noise_mode == "reference",
             reference_stop=params.stop_mode == "reference",
-            noise_base=params.seed, specials=self.specials)
-        gen = (torch.Generator(device=self.device).manual_seed(params.global_seed)
-               if cfg.reference_noise else None)
+            noise_base=params.seed,
+            specials=self.specials,
+        )
+        gen = (
+            torch.Generator(device=self.device).manual_seed(params.global_seed)
+            if cfg.reference_noise
+            else None
+        )
 
         def emit(res: RowResult) -> RowResult:
             if progress is not None:
@@ -206,9 +288,17 @@ class Engine:
         try:
             cap = self.max_rows
             while waiting:
-                batch = RunningBatch(self.model, cfg, self.device, autocast,
-                                     grouped_dit=not explicit_core, sample_generator=gen,
-                                     dit_forward=self._dit_forward, trace=self.trace)
+                batch = RunningBatch(
+                    self.model,
+                    cfg,
+                    self.device,
+                    autocast,
+                    act,
+                    grouped_dit=not explicit_core,
+                    sample_generator=gen,
+                    dit_forward=self._dit_forward,
+                    trace=self.trace,
+                )
                 admitted: list[RowState] = []
                 try:
                     while waiting or len(batch):
@@ -247,8 +337,9 @@ class Engine:
         if self.fail_batches_over is not None and rows > self.fail_batches_over:
             raise torch.OutOfMemoryError(f"simulated out of memory with {rows} rows")
 
-    def _admit(self, waiting: collections.deque[RowState], batch: RunningBatch,
-               cap: int) -> list[RowState]:
+    def _admit(
+        self, waiting: collections.deque[RowState], batch: RunningBatch, cap: int
+    ) -> list[RowState]:
         running = batch.rows
         used = sum(self._cost(r) for r in running)
         new: list[RowState] = []

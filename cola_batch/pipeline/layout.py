@@ -38,9 +38,11 @@ def special_ids(tokenizer: Tokenizer | None) -> SpecialIds:
         tid = tokenizer.token_to_id(text) if tokenizer is not None else None
         return fallback if tid is None else int(tid)
 
-    return SpecialIds(eos=look("<|endoftext|>", REFERENCE_EOS),
-                      im_end=look("<|im_end|>", REFERENCE_IM_END),
-                      pad=look("<|pad|>", REFERENCE_PAD))
+    return SpecialIds(
+        eos=look("<|endoftext|>", REFERENCE_EOS),
+        im_end=look("<|im_end|>", REFERENCE_IM_END),
+        pad=look("<|pad|>", REFERENCE_PAD),
+    )
 
 
 def tokenize(tokenizer: Tokenizer, text: str) -> list[int]:

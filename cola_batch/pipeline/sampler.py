@@ -43,8 +43,9 @@ def sanitize(logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(logits, nan=0.0, posinf=1e4, neginf=-1e4)
 
 
-def history_mask(histories: Sequence[Sequence[int]], vocab: int,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
+def history_mask(
+    histories: Sequence[Sequence[int]], vocab: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """(R, V) bool: True where the id occurs in that row's history."""
     mask = torch.zeros(len(histories), vocab, dtype=torch.bool)
     for i, ids in enumerate(histories):
@@ -53,8 +54,9 @@ def history_mask(histories: Sequence[Sequence[int]], vocab: int,
     return mask.to(device)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, mask: torch.Tensor | None,
-                             penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, mask: torch.Tensor | None, penalty: float
+) -> torch.Tensor:
     """logits (R, C, V); mask (R, V). Penalised once per distinct id, in the logits' dtype."""
     if mask is None or penalty == 1.0 or not bool(mask.any()):
         return logits
@@ -89,8 +91,9 @@ def final_probs(logits: torch.Tensor) -> torch.Tensor:
     return probs
 
 
-def select_tokens(logits: torch.Tensor, history: torch.Tensor | None, cfg: SamplerConfig,
-                  draw: Draw | None = None) -> torch.Tensor:
+def select_tokens(
+    logits: torch.Tensor, history: torch.Tensor | None, cfg: SamplerConfig, draw: Draw | None = None
+) -> torch.Tensor:
     """(R, C, V) logits -> (R, C) ids. `draw` is required unless greedy."""
     x = sanitize(logits)
     x = apply_repetition_penalty(x, history, cfg.repetition_penalty)

@@ -34,22 +34,29 @@ def _params(run: dict[str, Any], golden: dict[str, Any]) -> SamplingParams:
     p = run["params"]
     base = str(golden.get("env", {}).get("COLA_INFER_PER_SAMPLE_NOISE_SEED", "0")).strip()
     return SamplingParams(
-        max_new_tokens=p["max_new_tokens"], temperature=p["temperature"], top_k=p["top_k"],
-        top_p=p["top_p"], repetition_penalty=p.get("repetition_penalty", 1.1),
-        guidance_scale=p["guidance_scale"], timesteps=p["timestep_num"],
-        seed=int(base or 0), global_seed=int(golden.get("torch_manual_seed_before_each_call", 0)),
-        noise_mode="reference", stop_mode="reference")
+        max_new_tokens=p["max_new_tokens"],
+        temperature=p["temperature"],
+        top_k=p["top_k"],
+        top_p=p["top_p"],
+        repetition_penalty=p.get("repetition_penalty", 1.1),
+        guidance_scale=p["guidance_scale"],
+        timesteps=p["timestep_num"],
+        seed=int(base or 0),
+        global_seed=int(golden.get("torch_manual_seed_before_each_call", 0)),
+        noise_mode="reference",
+        stop_mode="reference",
+    )
 
 
-def replay(engine: Engine, golden: dict[str, Any], run: dict[str, Any]
-           ) -> tuple[dict[str, list[int]], dict[tuple[int, int], tuple[torch.Tensor, ...]]]:
+def replay(
+    engine: Engine, golden: dict[str, Any], run: dict[str, Any]
+) -> tuple[dict[str, list[int]], dict[tuple[int, int], tuple[torch.Tensor, ...]]]:
     """-> (generated ids per prompt id, {(prompt index, block): (latents, logits)})."""
     seqs = {str(q["id"]): i for i, q in enumerate(golden["prompts"])}
     seen: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
 
     def trace(r: RowState, z: torch.Tensor, logits: torch.Tensor) -> None:
-        seen[(seqs[r.row_id], r.block)] = (z.detach().float().cpu(),
-                                           logits.detach().float().cpu())
+        seen[(seqs[r.row_id], r.block)] = (z.detach().float().cpu(), logits.detach().float().cpu())
 
     engine.trace = trace
     try:
@@ -60,8 +67,13 @@ def replay(engine: Engine, golden: dict[str, Any], run: dict[str, Any]
     return out, seen
 
 
-def _check_run(engine: Engine, golden: dict[str, Any], run: dict[str, Any],
-               tensors: dict[str, torch.Tensor], informational: bool) -> list[CheckResult]:
+def _check_run(
+    engine: Engine,
+    golden: dict[str, Any],
+    run: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    informational: bool,
+) -> list[CheckResult]:
     name = f"generate/{run['mode']}/{run['name']}"
     ids, seen = replay(engine, golden, run)
     prefix = f"{run['mode']}/{run['name']}"
@@ -97,8 +109,10 @@ def _check_run(engine: Engine, golden: dict[str, Any], run: dict[str, Any],
                     bad.append((q["id"], j))
         if len(got) != len(want):
             bad.append((q["id"], "length"))
-    detail = (f"ids {matched}/{total} equal ({compared} decisive), latents max diff "
-              f"{lat_err:.2e}, logits max diff {logit_err:.2e}")
+    detail = (
+        f"ids {matched}/{total} equal ({compared} decisive), latents max diff "
+        f"{lat_err:.2e}, logits max diff {logit_err:.2e}"
+    )
     if informational:
         return [CheckResult(name, float(matched != total), 0.0, True, "informational: " + detail)]
     sdpa = run["mode"] == "fp32_sdpa"
@@ -130,6 +144,13 @@ def checks(golden_dir: Path) -> list[CheckResult]:
         try:
             results.extend(_check_run(engine, golden, run, tensors, informational))
         except Exception as exc:  # noqa: BLE001 - a crashing run is a failed check
-            results.append(CheckResult(f"generate/{run['mode']}/{run['name']}", float("nan"),
-                                       0.0, informational, f"{type(exc).__name__}: {exc}"))
+            results.append(
+                CheckResult(
+                    f"generate/{run['mode']}/{run['name']}",
+                    float("nan"),
+                    0.0,
+                    informational,
+                    f"{type(exc).__name__}: {exc}",
+                )
+            )
     return results
