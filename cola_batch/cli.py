@@ -21,10 +21,12 @@ def _register() -> None:
 
     app.add_typer(model_app, name="model", help="Create, inspect and verify checkpoints.")
 
-    from cola_batch import cli_jobs, cli_run, metrics_cli
+    from cola_batch import cli_jobs, cli_run, metrics_cli, pool_cli
+    from cola_batch.api import cli as api_cli
     from cola_batch.eval import cli as eval_cli
+    from cola_batch.pipeline import cli as pipeline_cli
 
-    for module in (cli_jobs, cli_run, eval_cli, metrics_cli):
+    for module in (cli_jobs, cli_run, pool_cli, pipeline_cli, api_cli, eval_cli, metrics_cli):
         module.register(app)
 
 
