@@ -236,7 +236,9 @@ class Pool:
         self.workers: list[PoolWorker] = []
         self.state = PoolState()
         self.last: Decision | None = None
-        self._logged: tuple[Action, str] | None = None
+        self._said: dict[str, str] = {}  # topic -> last INFO line, to log changes only
+        self._failures = 0  # consecutive workers that died before coming up
+        self._no_start_until = 0.0
 
     # ------------------------------------------------------------------ observation
 
@@ -287,12 +289,16 @@ class Pool:
         return decision
 
     def _log(self, decision: Decision) -> None:
-        # Timers in hold reasons change every tick; log at INFO when the gist changes.
+        # Timers in reasons change every tick: the gist decides whether this is news.
         gist = decision.reason.split(" (so far")[0]
-        key = (decision.action, gist)
-        level = logging.INFO if key != self._logged or decision.action != "hold" else logging.DEBUG
-        self._logged = key
-        log.log(level, "pool decision: target %d: %s", decision.target, decision.reason)
+        self._say("decision", gist, "pool decision: target %d: %s", decision.target,
+                  decision.reason)  # fmt: skip
+
+    def _say(self, topic: str, gist: str, msg: str, *args: object) -> None:
+        """INFO when `gist` differs from the last one of `topic`, else DEBUG (one line a tick)."""
+        level = logging.INFO if self._said.get(topic) != gist else logging.DEBUG
+        self._said[topic] = gist
+        log.log(level, msg, *args)
 
     def reconcile(self, target: int, now: float | None = None) -> None:
         """Move towards `target` workers starting/up; drain only idle ones."""
@@ -309,10 +315,15 @@ class Pool:
             if self._consume(worker, add=True):
                 self._set(worker, "up", now, "re-enabled (draining, backlog is back)")
                 count -= 1
+        if count and now < self._no_start_until:
+            self._say("grow", "backoff", "pool: %d worker(s) died before coming up; next "
+                      "start in %.0f s", self._failures, self._no_start_until - now)  # fmt: skip
+            return
         used = {w.slot.name for w in self.workers}
         free = [s for s in self.slots if s.name not in used]
         if count > len(free):
-            log.info("pool: %d more worker(s) wanted, %d slot(s) free", count, len(free))
+            line = f"pool: {count} more worker(s) wanted, {len(free)} slot(s) free"
+            self._say("grow", line, line)
         for slot in free[:count]:
             self._start(slot, now)
 
@@ -324,9 +335,10 @@ class Pool:
         # Newest first: its slot is the last that was needed.
         chosen = sorted(idle, key=lambda w: w.started_at, reverse=True)[:count]
         if len(chosen) < count:
-            log.info("pool: %d fewer worker(s) wanted; %d busy or not answering, %d starting: "
-                     "waiting for them to go idle", count - len(chosen), busy,
-                     sum(w.phase == "starting" for w in self.workers))  # fmt: skip
+            starting = sum(w.phase == "starting" for w in self.workers)
+            line = (f"pool: {count - len(chosen)} fewer worker(s) wanted; {busy} busy or not "
+                    f"answering, {starting} starting: waiting for them to go idle")  # fmt: skip
+            self._say("shrink", line, line)
         for worker in chosen:
             if self._consume(worker, add=False):
                 self._set(worker, "draining", now, "idle; consumers cancelled")
@@ -339,8 +351,10 @@ class Pool:
                 worker.proc.send_signal(signal.SIGTERM)
                 self._set(worker, "stopping", now, "holds no shard; warm stop (SIGTERM)")
             elif worker.node in held:
-                log.info("pool: %s still holds %d task(s); stopping it once idle",
-                         worker.node, held[worker.node])  # fmt: skip
+                line = (
+                    f"pool: {worker.node} still holds {held[worker.node]} task(s); stop once idle"
+                )
+                self._say(f"drain {worker.node}", line, line)
 
     # ------------------------------------------------------------------ processes
 
@@ -376,6 +390,7 @@ class Pool:
         for worker in starting:
             if worker.node in answered:
                 self._set(worker, "up", now, f"up after {now - worker.started_at:.1f}s")
+                self._failures = 0
             elif now - worker.started_at > self.load_timeout_s:
                 worker.proc.send_signal(signal.SIGTERM)
                 self._set(worker, "stopping", now,
@@ -398,6 +413,9 @@ class Pool:
             else:
                 log.warning("pool: %s exited unexpectedly (%s) while %s; slot %s free",
                             worker.node, code, worker.phase, worker.slot.name)  # fmt: skip
+                if worker.phase == "starting":  # a crash loop must not spin at the poll rate
+                    self._failures += 1
+                    self._no_start_until = now + min(5.0 * 2 ** (self._failures - 1), 300.0)
 
     def _consume(self, worker: PoolWorker, *, add: bool) -> bool:
         control = self.app.control
@@ -447,6 +465,7 @@ class Pool:
                 _kill_tree(worker.proc)
         self.workers.clear()
         self.redis.close()
+        self.app.close()
 
     def counts(self) -> dict[str, int]:
         phases: dict[str, int] = dict.fromkeys(("starting", "up", "draining", "stopping"), 0)
@@ -462,4 +481,3 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         proc.kill()
     proc.wait()
-
