@@ -5,9 +5,11 @@ Contract:
   `job-<S>` (derived both ways, no lookup). A Redis hash per batch (`keys.api_batch_key`)
   keeps what the job does not know: endpoint, input file, window, metadata, result file ids,
   expiry; a sorted set orders batches for `GET /v1/batches` (newest first, `after` cursor).
-* `POST /v1/batches` validates synchronously (`check_batch_input`, then the producer through
-  `Control.submit` with `id_column="custom_id"`): a bad line or a duplicate `custom_id` is a
-  400 naming the line, and no batch is created.
+* `POST /v1/batches` accepts, besides OpenAI's fields, `sampling` (an object of job-level
+  `SamplingParams` fields; `extra_body` in the openai client). It validates synchronously
+  (`check_batch_input`, then the producer through `Control.submit` with
+  `id_column="custom_id"`): a bad line or a duplicate `custom_id` is a 400 naming the line,
+  and no batch is created.
 * Status mapping (job → OpenAI): validating → validating; queued, in_progress → in_progress;
   finalizing → finalizing; completed → completed; failed after every shard ran (all requests
   failed individually) → completed; failed otherwise → failed; cancelled → cancelled, or
@@ -27,7 +29,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cola_batch import keys, storage
 from cola_batch.api.batch_files import build_result_files, check_batch_input
@@ -62,6 +64,20 @@ class CreateBatch(BaseModel):
     endpoint: str
     completion_window: str = "24h"
     metadata: dict[str, str] | None = Field(None, max_length=16)
+    # cola-batch extension: job-level `SamplingParams` fields (timesteps, seed, top_k, ...)
+    sampling: dict[str, Any] | None = None
+
+
+def _batch_sampling(context: ApiContext, request: CreateBatch) -> SamplingParams:
+    fields = {"max_new_tokens": context.settings.api_default_max_tokens, **(request.sampling or {})}
+    try:
+        return SamplingParams(**fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(["sampling", *(str(p) for p in first.get("loc", ()))])
+        raise ApiError(
+            400, f"Invalid {param}: {first.get('msg')}", param=param, code="invalid_value"
+        ) from exc
 
 
 def _ts(status: JobStatus, state: JobState) -> int | None:
@@ -225,6 +241,7 @@ def create_batch(request: CreateBatch, context: ApiContext = Depends(ctx)) -> di
             param="input_file_id",
             code="invalid_file_purpose",
         )
+    sampling = _batch_sampling(context, request)
     job_id = new_job_id()
     batch_id = batch_id_for(job_id)
     converted = check_batch_input(context, request.input_file_id, request.endpoint)
@@ -240,7 +257,7 @@ def create_batch(request: CreateBatch, context: ApiContext = Depends(ctx)) -> di
             job_id=job_id,
             model=context.model,
             output=context.output,
-            sampling=SamplingParams(max_new_tokens=settings.api_default_max_tokens),
+            sampling=sampling,
             id_column="custom_id",
             input_format="jsonl",
             queue=settings.queue_batch,

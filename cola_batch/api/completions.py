@@ -10,6 +10,8 @@ same prompt, sampling fields and `seed` give the same output. `stop` strings (an
 of the `text`/`chatml` templates) cut the completion. Streaming (`stream: true`) answers after
 the generation finished, as SSE chunks of one generated block each (`BlockSplitter`), then
 `data: [DONE]`; with `stream_options.include_usage` a usage chunk precedes `[DONE]`.
+Besides OpenAI's fields, a request may set `top_k`, `timesteps`, `guidance_scale` and
+`repetition_penalty` (cola-batch extensions; `extra_body` in the openai client).
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ class _Common(BaseModel):
     stream_options: dict[str, Any] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
+    # cola-batch extensions (OpenAI clients send them through `extra_body`)
+    timesteps: int | None = None
+    guidance_scale: float | None = None
+    repetition_penalty: float | None = None
 
 
 class ChatRequest(_Common):
@@ -74,7 +80,7 @@ def _sampling(context: ApiContext, request: _Common) -> SamplingParams:
         raise ApiError(400, "max_tokens must be positive", param="max_tokens", code="invalid_value")
     budget = min(wanted or settings.api_default_max_tokens, settings.api_max_tokens_limit)
     fields: dict[str, Any] = {"max_new_tokens": budget, "temperature": request.temperature or 0.0}
-    for name in ("top_p", "top_k", "seed"):
+    for name in ("top_p", "top_k", "seed", "timesteps", "guidance_scale", "repetition_penalty"):
         value = getattr(request, name)
         if value is not None:
             fields[name] = value
