@@ -431,3 +431,58 @@ def test_auth_models_and_health(service: Service) -> None:
     with urllib.request.urlopen(service.base_url.removesuffix("/v1") + "/health") as response:
         health = json.loads(response.read())
     assert health == {"status": "ok", "model": "tiny", "redis": True}
+
+
+def _raw_post(
+    service: Service, path: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, bytes]:
+    import http.client
+
+    port = int(service.base_url.rsplit(":", 1)[1].split("/")[0])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.putrequest("POST", path)
+        for name, value in {"Authorization": f"Bearer {TOKEN}", **headers}.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        if headers.get("Transfer-Encoding") == "chunked":
+            for start in range(0, len(body), 8192):
+                piece = body[start : start + 8192]
+                conn.send(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            conn.send(b"0\r\n\r\n")
+        else:
+            conn.send(body)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_streams_are_server_sent_events_ending_with_done(service: Service) -> None:
+    request = {"model": "tiny", "prompt": "iota kappa", "max_tokens": 6, "stream": True, **FAST}
+    body = json.dumps(request).encode()
+    status, raw = _raw_post(
+        service,
+        "/v1/completions",
+        body,
+        {"Content-Type": "application/json", "Content-Length": str(len(body))},
+    )
+    assert status == 200
+    events = raw.decode().split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for event in events[:-2]:
+        assert event.startswith("data: ")
+        assert json.loads(event.removeprefix("data: "))["object"] == "text_completion"
+
+
+def test_a_chunked_body_over_the_limit_is_refused(service: Service) -> None:
+    content = "y" * (MAX_REQUEST_BYTES + 10)
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": content}]})
+    status, raw = _raw_post(
+        service,
+        "/v1/chat/completions",
+        body.encode(),
+        {"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+    )
+    assert status == 413
+    assert json.loads(raw)["error"]["code"] == "request_too_large"

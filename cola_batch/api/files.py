@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -168,9 +167,3 @@ def file_content(file_id: str, context: ApiContext = Depends(ctx)) -> StreamingR
         media_type="application/octet-stream",
         headers={"content-length": meta["bytes"]},
     )
-
-
-def copy_to_local(context: ApiContext, file_id: str, dest: str) -> None:
-    """Download an API file to a local path (for validation passes)."""
-    with storage.open_input(file_uri(context, file_id)) as src, open(dest, "wb") as out:
-        shutil.copyfileobj(src, out, 1 << 20)
