@@ -52,8 +52,11 @@ def make_app(settings: Settings) -> Celery:
         },
         # SIGTERM: stop taking shards, give the running one time to finish; what is still
         # running after that is requeued by the cold shutdown that follows.
+        # (Celery honours this only for a cold shutdown: the launcher remaps SIGTERM to it.)
         worker_soft_shutdown_timeout=float(settings.soft_shutdown_s),
-        worker_enable_soft_shutdown_on_idle=True,
+        # Celery sleeps the whole timeout once soft shutdown starts; an idle worker has nothing
+        # to wait for (countdown retries it holds are restored to the queue when it closes).
+        worker_enable_soft_shutdown_on_idle=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,

@@ -6,8 +6,9 @@ Contract:
 * Each child is a real `celery worker` with a prefork pool of one process: the model is loaded
   in that pool process after fork (`worker_process_init`), and if the pool process dies mid-shard
   the Celery parent requeues the shard at once.
-* SIGTERM/SIGINT are forwarded to every child (warm shutdown: finish or requeue the running
-  shard); the launcher exits when they all have, with the worst exit status.
+* SIGTERM/SIGINT are forwarded to every child; a child lets its running shard finish for
+  `Settings.soft_shutdown_s`, then requeues it if still running (REMAP_SIGTERM=SIGQUIT: soft, then
+  cold shutdown); the launcher exits when they all have, with the worst exit status.
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ def child_env(
             "COLA_BATCH_WORKER_MODEL": model,
             "COLA_BATCH_WORKER_DEVICE": slot.device,
             "COLA_BATCH_REDIS_URL": redis_url,
+            # Celery treats a plain SIGTERM as a warm shutdown that waits for the running shard
+            # without limit, ignoring worker_soft_shutdown_timeout; the orchestrator's SIGKILL
+            # then strands the shard until the visibility timeout. Remapped, SIGTERM starts the
+            # soft shutdown (grace = Settings.soft_shutdown_s) and then a cold shutdown, which
+            # puts the unfinished shard back on the queue at once.
+            "REMAP_SIGTERM": "SIGQUIT",
         }
     )
     if slot.visible is not None:
