@@ -194,6 +194,7 @@ def read_results(job_uri: str) -> pa.Table:
     tables = [
         pq.read_table(io.BytesIO(storage.read_bytes(records[shard]["output"])))
         for shard in sorted(records)
+        if records[shard]["output"] is not None  # a shard dead-lettered whole has no rows
     ]
     if not tables:
         from cola_batch.schemas.arrow import OUTPUT_SCHEMA

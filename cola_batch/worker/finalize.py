@@ -6,7 +6,8 @@ Contract (design.md invariant 6):
   `wait` and `resume`): it does nothing until all shards are recorded, and a Redis lock with a
   TTL lets one caller at a time write. A finaliser that died mid-way is redone by the next call
   after the lock expires; the manifest it writes is the same.
-* A job with no successful row ends `failed`, never `completed`, and gets no `_SUCCESS`.
+* A job with no successful row ends `failed`, never `completed`, and gets no `_SUCCESS`; so
+  does a job with a shard dead-lettered whole (input unreadable: its rows are not in results).
 * The manifest lists, per shard, the commit record of its latest generation: output file,
   row counts, sha256 (recomputed from the file) and the job's provenance.
 """
@@ -49,6 +50,16 @@ def build_manifest(job_uri: str, spec: JobSpec, state: JobState) -> dict[str, An
     files = []
     for shard in sorted(records):
         record = records[shard]
+        if record["output"] is None:  # dead-lettered whole: its rows could not be named
+            files.append(
+                {
+                    "shard_id": shard, "generation": record["generation"], "path": None,
+                    "rows": record["rows"], "rows_ok": 0, "rows_failed": record["rows_failed"],
+                    "bytes": 0, "sha256": None, "errors": None, "dead_lettered": True,
+                    "error": record.get("error"),
+                }
+            )  # fmt: skip
+            continue
         data = storage.read_bytes(record["output"])
         files.append(
             {
@@ -97,15 +108,21 @@ def maybe_finalize(store: JobStore, job_id: str, job_uri: str) -> bool:
             return False
         spec = JobSpec.model_validate_json(storage.read_text(keys.job_spec_uri(job_uri)))
         final = JobState.COMPLETED if status.rows_completed > 0 else JobState.FAILED
+        unnamed = [s for s, r in latest_commit_records(job_uri).items() if r["output"] is None]
+        if unnamed:  # rows missing from the results: the job must not claim completion
+            final = JobState.FAILED
         manifest = build_manifest(job_uri, spec, final)
         storage.write_text_atomic(keys.manifest_uri(job_uri), json.dumps(manifest, indent=1))
         if final is JobState.COMPLETED:
             storage.write_bytes_atomic(keys.success_marker_uri(job_uri), b"")
             store.transition(job_id, JobState.COMPLETED)
         else:
-            store.transition(
-                job_id, JobState.FAILED, error=f"all {status.rows_failed} rows failed; see errors/"
+            error = (
+                f"shards {unnamed} dead-lettered with unreadable input; `retry` re-runs them"
+                if unnamed
+                else f"all {status.rows_failed} rows failed; see errors/"
             )
+            store.transition(job_id, JobState.FAILED, error=error)
         log.info("job %s finalised: %s", job_id, final.value)
         return True
     finally:

@@ -74,12 +74,12 @@ def run_shard_task(payload: dict[str, Any]) -> dict[str, Any]:
         maybe_finalize(store, job_id, task.job_uri)
         return {"outcome": "duplicate"}
     attempt = store.begin_attempt(job_id, shard, task.generation)
-    _maybe_inject_kill(job_id, shard)
     settings = get_settings()
     spec = load_spec(task.job_uri, job_id)
     if attempt > settings.max_attempts:
         reason = f"shard was delivered {attempt - 1} times without committing (worker lost)"
         return _dead_letter(store, spec, task, reason)
+    _maybe_inject_kill(job_id, shard)
     store.mark_running(job_id)
     started = time.monotonic()
     metrics.shard_started(spec.queue)
@@ -150,10 +150,13 @@ def _generate(spec: JobSpec, task: ShardTask) -> list[OutputRow]:
     wanted: set[tuple[str, int]] | None = None
     previous: dict[tuple[str, int], OutputRow] = {}
     if task.generation > 0:
-        previous = {
-            (r.id, r.sample_index): r for r in read_output_rows(task.job_uri, task.shard_id)
-        }
-        wanted = {key for key, row in previous.items() if not row.ok}
+        try:
+            earlier = read_output_rows(task.job_uri, task.shard_id)
+        except FileNotFoundError:
+            earlier = None  # dead-lettered whole (input was unreadable): re-run every row
+        if earlier is not None:
+            previous = {(r.id, r.sample_index): r for r in earlier}
+            wanted = {key for key, row in previous.items() if not row.ok}
 
     groups: dict[tuple[Any, Any], list[Any]] = {}
     order: dict[tuple[str, int], int] = {}
@@ -187,6 +190,10 @@ def _generate(spec: JobSpec, task: ShardTask) -> list[OutputRow]:
     return sorted(results.values(), key=lambda r: order[(r.id, r.sample_index)])
 
 
+# The engine's own error codes, mapped to the stable `ErrorCode` strings users filter on.
+_ENGINE_CODES = {"oom": ErrorCode.OUT_OF_MEMORY.value, "nan_latents": ErrorCode.NUMERIC_ERROR.value}
+
+
 def to_output_row(result: Any) -> OutputRow:
     failed = result.error_code is not None
     return OutputRow(
@@ -197,7 +204,7 @@ def to_output_row(result: Any) -> OutputRow:
         prompt_tokens=result.prompt_tokens,
         completion_tokens=None if failed else result.completion_tokens,
         seed=result.seed % 2**64,
-        error_code=result.error_code,
+        error_code=_ENGINE_CODES.get(result.error_code, result.error_code),
         error_message=result.error_message,
     )
 
@@ -290,14 +297,15 @@ def commit_shard(
 
 def _dead_letter(store: JobStore, spec: JobSpec, task: ShardTask, reason: str) -> dict[str, Any]:
     started = time.monotonic()
+    message = f"shard dead-lettered after {get_settings().max_attempts} attempts: {reason}"
     try:
         table = read_input(task)
         ids = [str(v) for v in table.column("id").to_pylist()]
     except Exception as exc:  # noqa: BLE001 - the input itself may be what is broken
-        raise RuntimeError(
-            f"shard {task.shard_id}: cannot read its input to dead-letter it"
-        ) from exc
-    message = f"shard dead-lettered after {get_settings().max_attempts} attempts: {reason}"
+        # Raising here would ack the message with nothing recorded: the job would never end.
+        # Without its input the rows cannot be named, so the shard is recorded failed as a
+        # whole (no output file); `retry` re-runs all of it once the input is readable.
+        return _dead_letter_unreadable(store, spec, task, f"{message}; input unreadable: {exc}")
     rows = [
         error_row(row_id, sample, ErrorCode.SHARD_DEAD_LETTERED, message)
         for row_id in ids
@@ -308,3 +316,42 @@ def _dead_letter(store: JobStore, spec: JobSpec, task: ShardTask, reason: str) -
     log.error("job %s shard %d dead-lettered (%s)", task.job_id, task.shard_id, reason)
     maybe_finalize(store, task.job_id, task.job_uri)
     return {"outcome": "dead", "seconds": time.monotonic() - started}
+
+
+def _dead_letter_unreadable(
+    store: JobStore, spec: JobSpec, task: ShardTask, message: str
+) -> dict[str, Any]:
+    rows = task.row_count * spec.sampling.samples_per_prompt
+    record = {
+        "job_id": task.job_id,
+        "shard_id": task.shard_id,
+        "generation": task.generation,
+        "attempt": 0,
+        "dead_lettered": True,
+        "rows": rows,
+        "rows_ok": 0,
+        "rows_failed": rows,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "output": None,  # no row can be named without the input: results lack these rows
+        "output_sha256": None,
+        "output_bytes": 0,
+        "errors": None,
+        "error": message,
+        "committed_at": datetime.now(UTC).isoformat(),
+        "worker": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    record_uri = keys.commit_record_uri(task.job_uri, task.shard_id, task.generation)
+    body = json.dumps(record, sort_keys=True, indent=1).encode()
+    if not storage.write_if_absent(record_uri, body):
+        record = json.loads(storage.read_text(record_uri))
+    store.record_shard(
+        task.job_id, task.shard_id, task.generation,
+        rows_ok=record["rows_ok"], rows_failed=record["rows_failed"],
+        prompt_tokens=record["prompt_tokens"], completion_tokens=record["completion_tokens"],
+        dead=True,
+    )  # fmt: skip
+    log.error("job %s shard %d dead-lettered: %s", task.job_id, task.shard_id, message)
+    maybe_finalize(store, task.job_id, task.job_uri)
+    return {"outcome": "dead"}
