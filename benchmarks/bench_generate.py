@@ -49,7 +49,7 @@ def child(batch: int, dtype: str, n_prompts: int) -> dict:
     from cola_batch.pipeline.engine import Engine, RowRequest
     from cola_batch.schemas.sampling import SamplingParams
 
-    model = build_preset("small")
+    model = build_preset("small", dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     rows = [json.loads(x) for x in LAMBADA.read_text().splitlines() if x.strip()][:n_prompts]
     reqs = [RowRequest(str(r.get("id", i)), r["question"]) for i, r in enumerate(rows)]
     dit, vae = model.dit, model.vae
@@ -80,9 +80,9 @@ def child(batch: int, dtype: str, n_prompts: int) -> dict:
     vae.decode = dec_counted
     engine = Engine(model, dtype=dtype, batch_tokens=1 << 30, max_rows=batch)
     params = SamplingParams(max_new_tokens=32, timesteps=16, guidance_scale=7.0, temperature=0.0)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     results = list(engine.generate(reqs, params))
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = sum(r.completion_tokens for r in results)
     peak = matmul_peak()
     return {
@@ -92,6 +92,9 @@ def child(batch: int, dtype: str, n_prompts: int) -> dict:
         "tokens": tokens,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
+        "cpu_seconds": cpu,
+        # Throughput if this process had had every core to itself (robust to other load).
+        "tokens_per_cpu_s_x_threads": tokens / cpu * torch.get_num_threads(),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "model_gflops": flops[0] / 1e9,
         "bf16_matmul_gflops": peak / 1e9,
@@ -113,8 +116,8 @@ def main() -> None:
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
     print(f"load average before: {' '.join(load)}")
     print(
-        f"{'batch':>5} {'tokens':>6} {'sec':>7} {'tok/s':>7} {'RSS GiB':>8} {'GFLOP':>7} "
-        f"{'mm GF/s':>8} {'MFU':>6}"
+        f"{'batch':>5} {'tokens':>6} {'sec':>7} {'tok/s':>7} {'cpu-s':>7} {'tok/cpu-s*T':>11} "
+        f"{'RSS GiB':>8} {'GFLOP':>7} {'mm GF/s':>8} {'MFU':>6}"
     )
     for b in args.batches:
         out = subprocess.run(
@@ -136,6 +139,7 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(
             f"{r['batch']:>5} {r['tokens']:>6} {r['seconds']:>7.1f} {r['tokens_per_s']:>7.1f} "
+            f"{r['cpu_seconds']:>7.1f} {r['tokens_per_cpu_s_x_threads']:>11.1f} "
             f"{r['peak_rss_gib']:>8.2f} {r['model_gflops']:>7.0f} "
             f"{r['bf16_matmul_gflops']:>8.0f} {r['mfu']:>6.1%}"
         )
