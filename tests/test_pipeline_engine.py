@@ -191,3 +191,14 @@ def test_bad_parameters_are_rejected_with_the_field_named(model) -> None:
         Engine(model, device="tpu")
     with pytest.raises(ValueError, match="dtype"):
         Engine(model, dtype="fp8")
+
+
+def test_non_finite_latents_become_error_rows(model) -> None:
+    import copy
+
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.dit.txt_out.proj.bias.fill_(float("nan"))
+    engine = Engine(broken, dtype="fp32")
+    out = _run(engine, _requests(2), SamplingParams(max_new_tokens=4, timesteps=2))
+    assert {(r.finish_reason, r.error_code) for r in out.values()} == {("error", "nan_latents")}
