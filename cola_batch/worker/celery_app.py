@@ -57,6 +57,9 @@ def make_app(settings: Settings) -> Celery:
         # Celery sleeps the whole timeout once soft shutdown starts; an idle worker has nothing
         # to wait for (countdown retries it holds are restored to the queue when it closes).
         worker_enable_soft_shutdown_on_idle=False,
+        # The pool process loads the model in worker_process_init; Celery's default (4 s)
+        # would kill a replacement process whose model takes longer to load.
+        worker_proc_alive_timeout=float(settings.pool_load_timeout_s),
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,
