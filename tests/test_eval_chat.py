@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from cola_batch.eval.chat import (
+from cola_batch.chat import (
     ChatTemplateError,
     apply_chat_template,
     content_text,

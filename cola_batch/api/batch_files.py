@@ -35,7 +35,7 @@ from cola_batch.api.context import ApiContext
 from cola_batch.api.errors import ApiError
 from cola_batch.api.files import file_uri, register_file
 from cola_batch.api.responses import completion_body, row_error
-from cola_batch.eval.chat import ChatTemplateError, apply_chat_template
+from cola_batch.chat import ChatTemplateError, apply_chat_template
 from cola_batch.producer.readers import iter_lines
 
 _BOM = b"\xef\xbb\xbf"

@@ -3,7 +3,7 @@ interactive queue.
 
 Contract: a request is checked (model id, `n` 1, one prompt, sampling fields through
 `SamplingParams`), its prompt built (chat: the served model's chat template,
-`eval.chat.apply_chat_template`), written as a one-row JSONL to a scratch path, submitted with
+`cola_batch.chat.apply_chat_template`), written as a one-row JSONL to a scratch path, submitted with
 `Control.submit` on `Settings.queue_interactive` (which workers poll before the batch queue),
 and waited for up to `api_request_timeout_s` (then cancelled: 504). The row id is fixed, so the
 same prompt, sampling fields and `seed` give the same output. `stop` strings (and the stop text
@@ -37,7 +37,7 @@ from cola_batch.api.responses import (
     usage_chunk,
 )
 from cola_batch.api.streaming import sse
-from cola_batch.eval.chat import TEXT_STOP, ChatTemplateError, apply_chat_template
+from cola_batch.chat import TEXT_STOP, ChatTemplateError, apply_chat_template
 from cola_batch.producer.errors import InputError
 from cola_batch.schemas.sampling import SamplingParams
 

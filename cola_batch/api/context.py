@@ -17,7 +17,7 @@ from fastapi import Request
 
 from cola_batch import keys, storage
 from cola_batch.api.streaming import BlockSplitter
-from cola_batch.eval.chat import parse_template_map, template_for_model
+from cola_batch.chat import parse_template_map, template_for_model
 from cola_batch.jobs import Control
 from cola_batch.settings import Settings
 

@@ -5,7 +5,7 @@ Modules: `templates` (task prompts, §4), `primitives` + `letters` + `scoring` (
 inference.md §12.4), `cli` (`cola-batch eval`), `runner` (generation through the queue).
 """
 
-from cola_batch.eval.chat import ChatTemplateError, apply_chat_template
+from cola_batch.chat import ChatTemplateError, apply_chat_template
 from cola_batch.eval.scoring import TASKS, TaskScore, score_record, score_task
 from cola_batch.eval.templates import build_prompt
 

@@ -4,7 +4,7 @@ Entry points: `new_job_spec(...)` then `submit_job(spec, enqueue=..., state=...)
 No torch here; rows reach workers only through staged Parquet shards.
 """
 
-from cola_batch.producer.chat import ChatTemplateError, messages_to_prompt
+from cola_batch.chat import ChatTemplateError, messages_to_prompt
 from cola_batch.producer.errors import InputError, Rejection
 from cola_batch.producer.submit import (
     Enqueue,

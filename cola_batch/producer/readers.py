@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cola_batch import storage
-from cola_batch.producer.chat import ChatTemplateError, messages_to_prompt
+from cola_batch.chat import ChatTemplateError, messages_to_prompt
 from cola_batch.producer.errors import SKIP_HINT, InputError, Rejection
 from cola_batch.schemas.job import JobSpec
 from cola_batch.settings import Settings

@@ -14,6 +14,7 @@ Contract: pure functions, no tokenizer. Three templates:
 `template_for_model(model, mapping)` picks the template for a served model name (default
 `openai`); `parse_template_map("a=chatml,b=text")` reads such a mapping from a setting string.
 Invalid input raises `ChatTemplateError` (a ValueError; an HTTP layer maps it to 400).
+Shared by the producer (OpenAI batch lines), the HTTP API and the benchmark.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def _role_and_text(message: Any) -> tuple[str, str]:
 
 def render_openai(messages: Sequence[Any]) -> str:
     """inference.md §12.4: the reference adapter's messages -> prompt rule."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
+        raise ChatTemplateError("messages must be a list of {role, content} objects")
     if not messages:
         raise ChatTemplateError("messages must not be empty")
     turns = [_role_and_text(m) for m in messages]
@@ -161,3 +164,7 @@ def apply_chat_template(
     if name not in CHAT_TEMPLATES:
         raise ChatTemplateError(f"unknown chat template {name!r}; known: {sorted(CHAT_TEMPLATES)}")
     return CHAT_TEMPLATES[name](messages)
+
+
+# The producer's name for the default rendering of OpenAI batch lines.
+messages_to_prompt = render_openai
