@@ -80,4 +80,4 @@ def test_generate_rejects_bad_parameters(tmp_path: Path) -> None:
             "1.5",
         ],
     )
-    assert result.exit_code != 0 and "top_p" in result.output
+    assert result.exit_code == 2 and "--top-p" in result.output

@@ -21,6 +21,23 @@ from typing import Any
 
 import typer
 
+from cola_batch.cli_options import (
+    GuidanceScale,
+    MaxNewTokens,
+    RepetitionPenalty,
+    SamplesPerPrompt,
+    Seed,
+    Temperature,
+    Timesteps,
+    TopK,
+    TopP,
+    sampling_from_flags,
+    user_errors,
+)
+from cola_batch.schemas.sampling import SamplingParams
+
+D = SamplingParams()
+
 
 def _peak_rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -58,15 +75,15 @@ def register(app: typer.Typer) -> None:
             ..., "--input", exists=True, dir_okay=False, help="JSONL or Parquet file of prompts"
         ),
         output: Path = typer.Option(..., "--output", help="JSONL file of results"),
-        max_new_tokens: int = typer.Option(32),
-        temperature: float = typer.Option(0.0),
-        top_k: int = typer.Option(50),
-        top_p: float = typer.Option(0.9),
-        repetition_penalty: float = typer.Option(1.1),
-        guidance_scale: float = typer.Option(7.0),
-        timesteps: int = typer.Option(16),
-        samples_per_prompt: int = typer.Option(1),
-        seed: int = typer.Option(0),
+        max_new_tokens: MaxNewTokens = D.max_new_tokens,
+        temperature: Temperature = D.temperature,
+        top_k: TopK = D.top_k,
+        top_p: TopP = D.top_p,
+        repetition_penalty: RepetitionPenalty = D.repetition_penalty,
+        guidance_scale: GuidanceScale = D.guidance_scale,
+        timesteps: Timesteps = D.timesteps,
+        samples_per_prompt: SamplesPerPrompt = D.samples_per_prompt,
+        seed: Seed = D.seed,
         batch_tokens: int = typer.Option(4096),
         dtype: str = typer.Option("bf16", help="bf16 (autocast) or fp32"),
         device: str = typer.Option("cpu"),
@@ -75,7 +92,6 @@ def register(app: typer.Typer) -> None:
         stats_json: Path | None = typer.Option(None, "--stats-json"),
     ) -> None:
         """Generate completions for every row of INPUT (in-process, no queue)."""
-        import pydantic
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -87,22 +103,14 @@ def register(app: typer.Typer) -> None:
 
         from cola_batch.model.checkpoint import load_model
         from cola_batch.pipeline.engine import Engine, RowRequest
-        from cola_batch.schemas.sampling import SamplingParams
 
-        try:
-            params = SamplingParams(
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                repetition_penalty=repetition_penalty,
-                guidance_scale=guidance_scale,
-                timesteps=timesteps,
-                samples_per_prompt=samples_per_prompt,
-                seed=seed,
-            )
-        except pydantic.ValidationError as exc:
-            raise typer.BadParameter(str(exc)) from exc
+        with user_errors():
+            params = sampling_from_flags(
+                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                top_p=top_p, repetition_penalty=repetition_penalty,
+                guidance_scale=guidance_scale, timesteps=timesteps,
+                samples_per_prompt=samples_per_prompt, seed=seed,
+            )  # fmt: skip
         rows = read_rows(input, prompt_column, id_column)
         try:
             engine = Engine(
