@@ -78,7 +78,7 @@ def sigterm_mid_shard(lab: Lab, *, seed: int = 0) -> ScenarioResult:
     result = ScenarioResult("SIGTERM worker mid-shard")
 
     # 1. Grace period long enough: the running shard finishes, then the worker exits.
-    grace = 30
+    grace = 15
     group = lab.workers(env={"COLA_BATCH_SOFT_SHUTDOWN_S": str(grace)})
     spec, ids = lab.submit(2, shard_size=2, sampling=SHORT_SAMPLING)
     member, _ = lab.wait_running(spec.job_id)
