@@ -34,6 +34,7 @@ from cola_batch.cli_options import (
 )
 from cola_batch.schemas.job import JobState, JobStatus
 from cola_batch.schemas.sampling import SamplingParams
+from cola_batch.settings import Settings
 
 WAIT_EXIT = {JobState.COMPLETED: 0, JobState.FAILED: 1, JobState.CANCELLED: 2}
 D = SamplingParams()
@@ -76,6 +77,32 @@ def status_table(status: JobStatus) -> Table:
     table.add_row("eta", "-" if eta is None else f"{eta:.0f} s")
     for state, stamp in status.timestamps.items():
         table.add_row(f"  {JobState(state).value}", stamp.isoformat(timespec="seconds"))
+    return table
+
+
+def worker_activity(settings: Settings, timeout_s: float = 2.0) -> dict[str, list[dict]]:
+    """Per live Celery worker node, the shard tasks it is running right now."""
+    from cola_batch.worker.queue import celery_app_for
+
+    inspect = celery_app_for(settings).control.inspect(timeout=timeout_s)
+    active = inspect.active() or {}
+    return {
+        node: [t["args"][0] for t in tasks if t.get("args") and isinstance(t["args"][0], dict)]
+        for node, tasks in sorted(active.items())
+    }
+
+
+def workers_table(activity: dict[str, list[dict]], job_id: str) -> Table:
+    table = Table("worker", "running", title="workers")
+    for node, shards in activity.items():
+        mine = [f"shard {s['shard_id']}" for s in shards if s.get("job_id") == job_id]
+        other = len(shards) - len(mine)
+        text = ", ".join(mine) or ("idle" if not other else "")
+        if other:
+            text = f"{text} (+{other} of other jobs)".strip()
+        table.add_row(node, text)
+    if not activity:
+        table.add_row("(no worker answered)", "")
     return table
 
 
@@ -152,16 +179,24 @@ def register(app: typer.Typer) -> None:
         watch: Annotated[
             bool, typer.Option("--watch", help="Live view until the job ends.")
         ] = False,
+        workers: Annotated[
+            bool, typer.Option("--workers", help="Also list workers and the shard each runs.")
+        ] = False,
     ) -> None:
         """Where a job stands: state, rows and shards done/failed, tokens/s, ETA."""
         control = _control()
         with user_errors():
             current = control.status(job_id)
             if as_json and not watch:
-                typer.echo(json.dumps(status_dict(current)))
+                data = status_dict(current)
+                if workers:
+                    data["workers"] = worker_activity(control.settings)
+                typer.echo(json.dumps(data))
                 return
             if not watch:
                 Console().print(status_table(current))
+                if workers:
+                    Console().print(workers_table(worker_activity(control.settings), job_id))
                 return
             with Live(status_table(current), refresh_per_second=2) as live:
                 while not current.terminal:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from cola_batch import keys, storage
 from cola_batch.producer.submit import load_job_spec, new_job_spec, submit_job
 from cola_batch.schemas.job import TERMINAL_STATES, JobSpec, JobState, JobStatus, ShardTask
-from cola_batch.settings import Settings, get_settings
+from cola_batch.settings import Settings, load_settings
 from cola_batch.worker.finalize import latest_commit_records, maybe_finalize
 from cola_batch.worker.queue import enqueue_shard
 from cola_batch.worker.state import JobStore, RedisJobState
@@ -38,7 +38,7 @@ class Control:
 
     @classmethod
     def connect(cls, settings: Settings | None = None) -> Control:
-        settings = settings or get_settings()
+        settings = settings or load_settings()  # commands read the environment as it is now
         url = settings.redis_url_value()
         if not url:
             raise RuntimeError(

@@ -192,10 +192,15 @@ class Settings(BaseSettings):
         return self.redis_url.get_secret_value() if self.redis_url is not None else None
 
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process-wide settings, read once from the environment."""
+def load_settings() -> Settings:
+    """Settings read from the environment now (and COLA_BATCH_ENV_FILE, if set)."""
     env_file = os.environ.get("COLA_BATCH_ENV_FILE")
     if env_file:
         return Settings(_env_file=env_file)  # type: ignore[call-arg]
     return Settings()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment (workers, hot paths)."""
+    return load_settings()

@@ -223,3 +223,28 @@ def test_outputs_are_readable_by_duckdb_directly(
     ).fetchall()
     assert [r[0] for r in rows] == input_ids(prompts)
     assert all(isinstance(r[1], str) for r in rows)
+
+
+def test_status_lists_each_worker_and_the_shard_it_runs(
+    control: Control, tiny_model: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from cola_batch.cli import app
+    from cola_batch.cli_jobs import worker_activity
+
+    prompts = write_prompts(tmp_path / "p.jsonl", 12)
+    slow = SamplingParams(max_new_tokens=32, timesteps=8)
+    spec = control.submit([str(prompts)], model=str(tiny_model), sampling=slow, shard_size=4)
+    with WorkerGroup(tiny_model, control.settings.redis_url_value(), tmp_path) as group:
+        deadline = time.monotonic() + 90
+        running: dict[str, list[dict]] = {}
+        while not any(running.values()):
+            assert time.monotonic() < deadline, group.log_text()
+            running = worker_activity(control.settings, timeout_s=1.0)
+        ((node, shards),) = running.items()
+        assert node.startswith("cola-cpu-") and shards[0]["job_id"] == spec.job_id
+        result = CliRunner().invoke(app, ["status", spec.job_id, "--workers"])
+        assert result.exit_code == 0, result.output
+        assert "cola-cpu-" in result.output and "workers" in result.output
+        control.cancel(spec.job_id)

@@ -61,9 +61,8 @@ def run_generation(
     jobs_dir = str((output_dir / "jobs").resolve())
     if os.environ.get("COLA_BATCH_REDIS_URL"):
         from cola_batch.jobs import Control
-        from cola_batch.settings import Settings
 
-        control = Control.connect(Settings())  # read now: the environment names the Redis
+        control = Control.connect()
         spec = control.submit([str(inputs)], model=model, output=jobs_dir, sampling=sampling)
         control.wait(spec.job_id)
         job_uri = control.job_uri(spec.job_id)

@@ -1,7 +1,7 @@
 """Publishing shard tasks onto the Celery queues.
 
 Contract: a published message carries only a `ShardTask` as JSON (a few hundred bytes); rows
-stay on object storage. `Publisher` reuses one Celery app and broker connection pool per Redis
+stay on object storage. `celery_app_for` reuses one Celery app and broker connection pool per Redis
 URL, so a producer staging thousands of shards does not reconnect per shard.
 """
 
@@ -17,7 +17,8 @@ from cola_batch.worker.celery_app import SHARD_TASK_NAME, make_app
 
 
 @lru_cache(maxsize=8)
-def _app_for(settings: Settings) -> Celery:
+def celery_app_for(settings: Settings) -> Celery:
+    """One Celery app (and broker connection pool) per settings value."""
     return make_app(settings)
 
 
@@ -28,38 +29,10 @@ def enqueue_shard(
     countdown: float | None = None,
     settings: Settings | None = None,
 ) -> None:
-    app = _app_for(settings or get_settings())
+    app = celery_app_for(settings or get_settings())
     app.send_task(
         SHARD_TASK_NAME,
         args=[task.model_dump(mode="json")],
         queue=queue,
         countdown=countdown,
     )
-
-
-def queue_depth(queue: str, settings: Settings | None = None) -> int:
-    """Messages waiting in a queue (not yet delivered to any worker)."""
-    import redis
-
-    url = (settings or get_settings()).redis_url_value()
-    if not url:
-        return 0
-    client = redis.Redis.from_url(url)
-    try:
-        return int(client.llen(queue))
-    finally:
-        client.close()
-
-
-def inflight_count(settings: Settings | None = None) -> int:
-    """Messages delivered to workers and not yet acknowledged (all queues)."""
-    import redis
-
-    url = (settings or get_settings()).redis_url_value()
-    if not url:
-        return 0
-    client = redis.Redis.from_url(url)
-    try:
-        return int(client.hlen("unacked"))
-    finally:
-        client.close()
