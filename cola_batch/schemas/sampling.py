@@ -35,7 +35,9 @@ class SamplingParams(BaseModel):
         "(seed, row id, sample, block); reference: the reference's seeding formula",
     )
     global_seed: int = Field(
-        4321, ge=0, lt=2**63,
+        4321,
+        ge=0,
+        lt=2**63,
         description="reference noise mode only: seed of the single generator that token "
         "sampling draws from (the reference's torch.manual_seed before the call)",
     )
