@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DIR
 from typer.testing import CliRunner
 from workers import WorkerGroup, make_tiny_model
 
 from cola_batch.cli import app
+
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 @pytest.fixture(scope="module")
