@@ -41,10 +41,15 @@ from services import S3Server  # noqa: E402
 
 PROFILES = {"quick": {"kill": 3, "aof": 1, "s3": 1}, "full": {"kill": 20, "aof": 3, "s3": 3}}
 DOC = ROOT / "docs" / "reliability.md"
+TITLES = {
+    "kill9": "kill -9 worker mid-shard",
+    "sigterm": "SIGTERM worker mid-shard",
+    "s3_permanent": "S3 permanent failure of one shard, then retry",
+}
 START, END = "<!-- chaos-table:start -->", "<!-- chaos-table:end -->"
 # Notes that describe what happened rather than a problem.
 INFO_PREFIXES = ("grace ", "status exit", "after ", "dead-lettered after", "batches over")
-INFO_WORDS = ("worker requests, faults",)
+INFO_WORDS = ("worker requests, faults", "landed mid-shard", "finished within 1 s")
 
 
 def problems(result: ScenarioResult) -> list[str]:
@@ -102,10 +107,29 @@ def table(results: list[ScenarioResult], profile: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def write_doc(block: str) -> None:
+def write_doc(block: str, *, merge: bool = False) -> None:
+    """Replace the table; with `merge`, replace only the rows of the scenarios just run."""
     text = DOC.read_text() if DOC.exists() else f"# Reliability\n\n{START}\n{END}\n"
     head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
+    old, _, tail = rest.partition(END)
+    if merge and "| --- |" in old:
+
+        def split(lines: list[str]) -> tuple[list[str], list[str], list[str]]:
+            at = next(k for k, line in enumerate(lines) if line.startswith("| scenario"))
+            return (
+                lines[:at],
+                lines[at : at + 2],
+                [ln for ln in lines[at + 2 :] if ln.startswith("|")],
+            )
+
+        old_intro, _, old_rows = split(old.strip().splitlines())
+        new_intro, header, new_rows = split(block.splitlines())
+        fresh = {line.split("|")[1].strip(): line for line in new_rows}
+        rows = [fresh.pop(line.split("|")[1].strip(), line) for line in old_rows]
+        rows.extend(fresh.values())
+        rerun = f"Rows rerun since: {new_intro[0]}"
+        intro = [line for line in old_intro if line.strip() and not line.startswith("Rows rerun")]
+        block = "\n".join([*intro, rerun, "", *header, *rows])
     DOC.write_text(f"{head}{START}\n{block}\n{END}{tail}")
 
 
@@ -137,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # noqa: BLE001 - a crashed scenario is a table row too
                     traceback.print_exc()
                     result = ScenarioResult(name, notes=[f"scenario crashed: {exc!r}"[:300]])
+                    result.scenario = TITLES.get(name, name)
                 print(f"   {result} ({time.monotonic() - t0:.0f} s)", flush=True)
                 results.append(result)
     finally:
@@ -145,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     block = table(results, profile, time.monotonic() - started)
     print(block)
     if not args.no_write:
-        write_doc(block)
+        write_doc(block, merge=bool(args.only))
     bad = [r for r in results if r.lost or r.duplicated or problems(r)]
     return 1 if bad else 0
 

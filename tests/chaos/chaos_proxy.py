@@ -117,10 +117,11 @@ class ChaosProxy:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" * 2)
                 return
             if fault in ("503", "permanent"):
+                body = b"" if lines[0].startswith(b"HEAD ") else _BODY  # HEAD: no body
                 reply = (
                     "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\n"
-                    f"Content-Length: {len(_BODY)}\r\nConnection: close\r\n\r\n"
-                ).encode() + _BODY
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                ).encode() + body
                 with contextlib.suppress(OSError):
                     conn.sendall(reply)
                 return

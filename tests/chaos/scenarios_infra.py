@@ -167,7 +167,8 @@ def storage_permanent(lab: Lab, s3: S3Server) -> ScenarioResult:
         error = json.loads(records[keys.commit_record_uri(lab.job_uri(spec), 1)]).get("error", "")
         result.notes.append(
             f"after {proxy.faults} failed reads: job {final.state.value}, "
-            f"shards {status.shards_completed} ok / {status.shards_failed} failed; error: {error}"
+            f"shards {status.shards_completed} ok / {status.shards_failed} failed; "
+            f"error: {error.split('; input unreadable')[0][:160]}"
         )
         ok_before = (final.state, status.shards_completed, status.shards_failed)
         if ok_before != (JobState.FAILED, 2, 1) or "attempts" not in error:

@@ -12,7 +12,7 @@ def test_kill9_mid_shard_loses_and_duplicates_nothing(lab: Lab, profile: dict[st
     result = kill9_mid_shard(lab, trials, whole_every=3 if trials < 10 else 4)
     assert result.trials == trials
     assert (result.lost, result.duplicated) == (0, 0), lab.worker_logs()
-    assert not result.notes, result.notes
+    assert [n for n in result.notes if "landed mid-shard" not in n] == [], result.notes
     assert result.faults >= 1, "no kill landed while a shard was running"
     assert len(result.recover_s) == trials
 
@@ -31,4 +31,5 @@ def test_kill9_whole_workers_repeatedly(lab: Lab) -> None:
     """Only whole-worker kills (Celery parent and pool child): redelivery after the
     visibility timeout, every time."""
     result = kill9_mid_shard(lab, 4, whole_every=1, seed=1)
-    assert (result.lost, result.duplicated, result.notes) == (0, 0, [])
+    assert (result.lost, result.duplicated) == (0, 0)
+    assert [n for n in result.notes if "landed mid-shard" not in n] == [], result.notes
