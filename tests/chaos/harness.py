@@ -20,7 +20,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from workers import WorkerGroup, make_tiny_model, write_prompts
 
 from cola_batch import keys
 from cola_batch.jobs import Control, read_results
-from cola_batch.schemas.job import JobSpec, JobState, JobStatus
+from cola_batch.schemas.job import JobSpec, JobStatus
 from cola_batch.schemas.sampling import SamplingParams
 from cola_batch.settings import Settings
 from cola_batch.worker.state import JobStore
@@ -314,14 +314,3 @@ def wait_pool_child(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> i
         left()
         time.sleep(0.05)
     return children[0]
-
-
-@contextlib.contextmanager
-def lab(root: Path, model: Path | None = None, **kwargs: object) -> Iterator[Lab]:
-    with Lab(root, model or tiny_model_dir(), **kwargs) as the_lab:  # type: ignore[arg-type]
-        yield the_lab
-
-
-def job_state(lab_: Lab, job_id: str) -> JobState | None:
-    status = lab_.control.store.get(job_id)
-    return None if status is None else status.state

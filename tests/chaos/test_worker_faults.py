@@ -23,6 +23,7 @@ def test_sigterm_mid_shard_finishes_in_grace_or_requeues_at_once(lab: Lab) -> No
     problems = [n for n in result.notes if not n.startswith("grace ")]
     assert not problems, problems
     # Requeued at once on exit: far below the 600 s visibility timeout of that worker.
+    assert result.recover_s, f"the shard finished within the 1 s grace: {result.notes}"
     assert result.recover_s[0] < 20, result.notes
 
 
