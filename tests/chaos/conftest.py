@@ -9,16 +9,12 @@ profile are marked `chaos_full` and skipped in the quick one.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import Lab, tiny_model_dir  # noqa: E402
-from services import S3Server  # noqa: E402
+from harness import Lab, tiny_model_dir
+from services import S3Server
 
 PROFILES = {
     "quick": {"kill_trials": 3, "aof_trials": 1, "s3_trials": 1},
