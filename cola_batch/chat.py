@@ -73,7 +73,7 @@ def render_openai(messages: Sequence[Any]) -> str:
     if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
         raise ChatTemplateError("messages must be a list of {role, content} objects")
     if not messages:
-        raise ChatTemplateError("messages must not be empty")
+        raise ChatTemplateError("messages is empty")
     turns = [_role_and_text(m) for m in messages]
     if len(turns) == 1 and turns[0][0] == "user":
         return turns[0][1]
@@ -84,7 +84,7 @@ def render_openai(messages: Sequence[Any]) -> str:
             continue
         lines.append(f"{_ROLE_LABELS.get(role.lower(), role)}: {text}")
     if not lines:
-        raise ChatTemplateError("all message contents are empty")
+        raise ChatTemplateError("every message's content is empty")
     if turns[-1][0] != "assistant":
         lines.append("Assistant:")
     return "\n".join(lines)
@@ -92,7 +92,7 @@ def render_openai(messages: Sequence[Any]) -> str:
 
 def _cli_turns(messages: Sequence[Any]) -> list[tuple[str, str]]:
     if not messages:
-        raise ChatTemplateError("messages must not be empty")
+        raise ChatTemplateError("messages is empty")
     turns: list[tuple[str, str]] = []
     for message in messages:
         role, text = _role_and_text(message)
