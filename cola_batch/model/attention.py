@@ -52,6 +52,7 @@ class AttentionPlan:
     flat_keys: torch.Tensor | None  # (B, Nk) bool key validity, for flat (unmasked) mode
     cache: KVCache | None
     max_k: int
+    _wide: torch.Tensor | None = None
 
     @staticmethod
     def build(
@@ -146,27 +147,47 @@ class AttentionPlan:
         return out
 
     def keys_values(
-        self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
+        self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, full_capacity: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded (B, Nk, heads, Dh) keys/values of this layer in the plan's key layout."""
+        """Head-major padded (B, heads, Nk, Dh) keys/values of this layer.
+
+        Update mode reads the cache storage in place (no copy): `full_capacity` returns the
+        whole storage (Nk = capacity, the tail past each length masked by `mask_for`), else
+        the first `max_k` positions.
+        """
         if self.mode == "new":
-            return self._pad(k_new), self._pad(v_new)
+            return self._pad(k_new).transpose(1, 2), self._pad(v_new).transpose(1, 2)
         assert self.cache is not None
         if self.mode == "update":
-            pos = self.q_pos
-            self.cache.write(layer, k_new, v_new, self.rows_b, pos, self.max_k)
+            self.cache.write(layer, k_new, v_new, self.rows_b, self.q_pos, self.max_k)
             k_all, v_all = self.cache.storage(layer)
-            return k_all[:, : self.max_k], v_all[:, : self.max_k]
+            if full_capacity:
+                return k_all, v_all
+            return k_all[:, :, : self.max_k], v_all[:, :, : self.max_k]
         stored = self.cache.storage(layer)
         width = self.max_k - self.max_q
         if stored is None:
-            kc = k_new.new_zeros((self.batch, width, *k_new.shape[1:]))
-            vc = v_new.new_zeros((self.batch, width, *v_new.shape[1:]))
+            kc = k_new.new_zeros((self.batch, k_new.shape[1], width, k_new.shape[2]))
+            vc = v_new.new_zeros((self.batch, v_new.shape[1], width, v_new.shape[2]))
         else:
-            kc, vc = stored[0][:, :width], stored[1][:, :width]
+            kc, vc = stored[0][:, :, :width], stored[1][:, :, :width]
         kc = kc.to(k_new.dtype)
         vc = vc.to(v_new.dtype)
-        return torch.cat([kc, self._pad(k_new)], 1), torch.cat([vc, self._pad(v_new)], 1)
+        kp = self._pad(k_new).transpose(1, 2)
+        vp = self._pad(v_new).transpose(1, 2)
+        return torch.cat([kc, kp], 2), torch.cat([vc, vp], 2)
+
+    def mask_for(self, width: int) -> torch.Tensor | None:
+        """The plan's mask widened with masked-out key columns up to `width` (memoised)."""
+        if self.mask is None or width == self.mask.shape[-1]:
+            return self.mask
+        if self._wide is None or self._wide.shape[-1] != width:
+            extra = width - self.mask.shape[-1]
+            # Padded query rows keep seeing every key, as in `build`; real rows see none.
+            padded = torch.arange(self.max_q)[None, :] >= self.q_lens[:, None]
+            pad = padded.to(self.mask.device)[:, None, :, None].expand(-1, 1, -1, extra)
+            self._wide = torch.cat([self.mask, pad], dim=-1)
+        return self._wide
 
     def attend(
         self,
@@ -176,19 +197,28 @@ class AttentionPlan:
         v_new: torch.Tensor,
         reference_numerics: bool = False,
     ) -> torch.Tensor:
-        """q (ΣQ, H, Dh), k/v (ΣQ, Hk, Dh) -> (ΣQ, H, Dh) attention output (rows in order)."""
-        keys, values = self.keys_values(layer, k_new, v_new)
+        """q (ΣQ, H, Dh), k/v (ΣQ, Hk, Dh) -> (ΣQ, H, Dh) attention output (rows in order).
+
+        With `reference_numerics` new keys/values are rounded to bf16 before they are stored
+        (the core rounds them anyway, so the numbers are unchanged) and a cache-updating call
+        attends over the cache's whole capacity: the core then multiplies the storage in place,
+        with no per-layer copy of the history.
+        """
+        if reference_numerics:
+            k_new = k_new.to(torch.bfloat16)
+            v_new = v_new.to(torch.bfloat16)
+        wide = reference_numerics and self.mode == "update" and self.flat_keys is None
+        keys, values = self.keys_values(layer, k_new, v_new, full_capacity=wide)
         heads = q.shape[1]
         if self.flat_keys is not None:
             qh = q.transpose(0, 1)[None]  # (1, H, ΣQ, Dh)
-            kh = keys[self.flat_keys].transpose(0, 1)[None]
-            vh = values[self.flat_keys].transpose(0, 1)[None]
+            kh = keys.transpose(1, 2)[self.flat_keys].transpose(0, 1)[None]
+            vh = values.transpose(1, 2)[self.flat_keys].transpose(0, 1)[None]
             out = _core(qh, kh, vh, None, heads, reference_numerics)
             return out[0].transpose(0, 1)
         qh = self._pad(q).transpose(1, 2)  # (B, H, maxQ, Dh)
-        kh = keys.transpose(1, 2)
-        vh = values.transpose(1, 2)
-        out = _core(qh, kh, vh, self.mask, heads, reference_numerics)
+        mask = self.mask_for(keys.shape[2])
+        out = _core(qh, keys, values, mask, heads, reference_numerics)
         return out.transpose(1, 2)[self.rows_b, self.rows_j]
 
 

@@ -4,10 +4,17 @@ Contract:
 * A `KVCache` belongs to one model instance and one batch; sample i of the cache is sample i of
   every call that reads it. It is an explicit object passed to `decode`/`forward`, never hidden
   module state, so several batches can be in flight on one model.
-* Storage per layer is a padded tensor pair `(B, capacity, heads, head_dim)`; `lengths[i]` rows
-  of sample i are valid. Keys are stored **after** qk-norm and RoPE: both are per-row functions
-  of the row and its absolute position, so this yields the same numbers as the reference, which
-  stores them earlier and re-applies the norm/rotation on every read.
+* Storage per layer is a head-major padded tensor pair `(B, heads, capacity, head_dim)`;
+  `lengths[i]` positions of sample i are valid, the rest are finite (zeros or stale rows) and
+  must be masked by readers. Head-major storage lets attention read `storage[:, :, :W]` (or the
+  whole tensor) as the `(B, H, W, Dh)` operand of its matmuls without a transposing copy.
+  Capacity is a multiple of `GROW` positions (>= the longest sample), grown by whole chunks in
+  place of doubling, so a cache is never much larger than its live context. A given maximum
+  length always yields the same capacity (`capacity_for`), whatever the batch history.
+  Keys are stored **after** qk-norm and RoPE: both are per-row functions of the row and its
+  absolute position, so this yields the same numbers as the reference, which stores them
+  earlier and re-applies the norm/rotation on every read. The storage dtype is that of the
+  first write (the DiT writes bf16 when its attention core rounds to bf16 anyway).
 * `append` (used by the models with `update_cache=True`) mutates the cache in place.
   `select` and `concat` return new caches and never modify their inputs.
 """
@@ -18,7 +25,14 @@ from collections.abc import Sequence
 
 import torch
 
-_MIN_CAPACITY = 16
+# Capacity granularity in positions; >= 32 also keeps a capacity-wide attention read in the
+# width regime where the explicit bf16 core is width-invariant (see pipeline/batch.py).
+GROW = 64
+
+
+def capacity_for(length: int) -> int:
+    """Storage capacity for a longest sample of `length` positions."""
+    return max(GROW, -(-length // GROW) * GROW)
 
 
 class KVCache:
@@ -43,16 +57,21 @@ class KVCache:
     def is_empty(self) -> bool:
         return self._k[0] is None if self.num_layers else True
 
+    def capacity(self) -> int:
+        """Allocated positions per sample (0 before the first write)."""
+        k = self._k[0] if self.num_layers else None
+        return 0 if k is None else int(k.shape[2])
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Padded (B, max_len, heads, head_dim) views of layer `index`, or None if empty."""
         k, v = self._k[index], self._v[index]
         if k is None or v is None:
             return None
         width = int(self._lengths.max()) if self._lengths.numel() else 0
-        return k[:, :width], v[:, :width]
+        return k[:, :, :width].transpose(1, 2), v[:, :, :width].transpose(1, 2)
 
     def storage(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The raw padded (B, capacity, heads, head_dim) tensors of layer `index`."""
+        """The raw head-major (B, heads, capacity, head_dim) tensors of layer `index`."""
         k, v = self._k[index], self._v[index]
         if k is None or v is None:
             return None
@@ -86,29 +105,31 @@ class KVCache:
     ) -> None:
         """Store flat rows (N, heads, head_dim) of `layer` at (sample rows_b, position rows_pos).
 
-        `new_max` is the largest length after the write. The caller advances the lengths once
-        per call with `advance` after every layer has written.
+        `new_max` is the largest length after the write; storage grows to `capacity_for` it
+        (existing rows copied, converted if the dtype changes). The caller advances the
+        lengths once per call with `advance` after every layer has written.
         """
         k, v = self._k[layer], self._v[layer]
         batch = self._lengths.numel()
         if (
             k is None
             or v is None
-            or k.shape[1] < new_max
+            or k.shape[2] < new_max
             or k.dtype != k_new.dtype
             or v.dtype != v_new.dtype
         ):
-            capacity = max(_MIN_CAPACITY, new_max, 2 * (k.shape[1] if k is not None else 0))
-            k2 = k_new.new_zeros((batch, capacity, *k_new.shape[1:]))
-            v2 = v_new.new_zeros((batch, capacity, *v_new.shape[1:]))
+            old = 0 if k is None else int(k.shape[2])
+            capacity = max(old, capacity_for(new_max))
+            k2 = k_new.new_zeros((batch, k_new.shape[1], capacity, k_new.shape[2]))
+            v2 = v_new.new_zeros((batch, v_new.shape[1], capacity, v_new.shape[2]))
             if k is not None and v is not None:
-                k2[:, : k.shape[1]] = k
-                v2[:, : v.shape[1]] = v
+                k2[:, :, :old] = k
+                v2[:, :, :old] = v
             k, v = k2, v2
             self._k[layer], self._v[layer] = k, v
         if rows_b.numel():
-            k[rows_b, rows_pos] = k_new
-            v[rows_b, rows_pos] = v_new
+            k[rows_b, :, rows_pos] = k_new
+            v[rows_b, :, rows_pos] = v_new
 
     def advance(self, q_lens: torch.Tensor) -> None:
         self._lengths = self._lengths + q_lens.to(self._lengths.device, torch.long).cpu()
@@ -125,12 +146,13 @@ class KVCache:
         out = KVCache(self.num_layers, int(idx.numel()))
         out._lengths = self._lengths[idx].clone()
         width = int(out._lengths.max()) if idx.numel() else 0
+        cap = capacity_for(width)
         for i in range(self.num_layers):
             k, v = self._k[i], self._v[i]
             if k is not None and v is not None:
                 dev_idx = idx.to(k.device)
-                out._k[i] = k[dev_idx, :width].clone()
-                out._v[i] = v[dev_idx, :width].clone()
+                out._k[i] = _fit(k[dev_idx, :, :cap], cap)
+                out._v[i] = _fit(v[dev_idx, :, :cap], cap)
         return out
 
     def concat(self, other: KVCache) -> KVCache:
@@ -139,7 +161,7 @@ class KVCache:
             raise ValueError("caches of different depth cannot be concatenated")
         out = KVCache(self.num_layers, self.num_samples() + other.num_samples())
         out._lengths = torch.cat([self._lengths, other._lengths])
-        width = int(out._lengths.max()) if out._lengths.numel() else 0
+        width = capacity_for(int(out._lengths.max()) if out._lengths.numel() else 0)
         for i in range(self.num_layers):
             parts_k, parts_v = [], []
             ref = self._k[i] if self._k[i] is not None else other._k[i]
@@ -148,12 +170,12 @@ class KVCache:
                 continue
             for cache in (self, other):
                 k, v, n = cache._k[i], cache._v[i], cache.num_samples()
-                pk = ref.new_zeros((n, width, *ref.shape[2:]))
-                pv = ref_v.new_zeros((n, width, *ref_v.shape[2:]))
+                pk = ref.new_zeros((n, ref.shape[1], width, ref.shape[3]))
+                pv = ref_v.new_zeros((n, ref_v.shape[1], width, ref_v.shape[3]))
                 if k is not None and v is not None:
-                    w = min(width, k.shape[1])
-                    pk[:, :w] = k[:, :w]
-                    pv[:, :w] = v[:, :w]
+                    w = min(width, k.shape[2])
+                    pk[:, :, :w] = k[:, :, :w]
+                    pv[:, :, :w] = v[:, :, :w]
                 parts_k.append(pk)
                 parts_v.append(pv)
             out._k[i] = torch.cat(parts_k)
@@ -169,3 +191,12 @@ class KVCache:
 
     def __repr__(self) -> str:
         return f"KVCache(layers={self.num_layers}, lengths={self.lengths()})"
+
+
+def _fit(x: torch.Tensor, cap: int) -> torch.Tensor:
+    """`x` (B, H, <= cap, Dh), a fresh gather result, zero-extended to `cap` positions."""
+    if x.shape[2] == cap:
+        return x.contiguous()
+    out = x.new_zeros((x.shape[0], x.shape[1], cap, x.shape[3]))
+    out[:, :, : x.shape[2]] = x
+    return out
