@@ -59,7 +59,8 @@ def pool(
 ) -> None:
     """Autoscale local workers between --min and --max from backlog + in-flight shards."""
     from cola_batch.settings import get_settings
-    from cola_batch.worker.pool import Pool, PoolConfig
+    from cola_batch.worker.pool import Pool
+    from cola_batch.worker.scaling import PoolConfig
 
     settings = get_settings()
     logging.basicConfig(

@@ -29,14 +29,13 @@ from cola_batch.jobs import Control, read_results
 from cola_batch.schemas.job import JobState
 from cola_batch.schemas.sampling import SamplingParams
 from cola_batch.settings import Settings
-from cola_batch.worker.pool import (
+from cola_batch.worker.pool import Pool, pool_slots
+from cola_batch.worker.scaling import (
     Observation,
-    Pool,
     PoolConfig,
     PoolState,
     decide,
     desired_workers,
-    pool_slots,
 )
 
 QUEUES = ["cola-interactive", "cola-batch"]
