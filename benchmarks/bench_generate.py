@@ -5,13 +5,18 @@ generated tokens/s (model build excluded), peak RSS, and model-FLOPs utilisation
 matmul measured in the same process. Model FLOPs are counted from the calls actually made:
 2·rows·(weights of every Linear) plus 4·heads·head_dim·q·k per attention layer.
 
-    .venv/bin/python benchmarks/bench_generate.py [--batches 8 32] [--dtype bf16]
+    .venv/bin/python benchmarks/bench_generate.py [--batches 8 32] [--dtype bf16] [--threads N]
+
+On a shared machine run with `--threads 1` too: a single-threaded process's CPU time is not
+inflated by OpenMP threads spinning while a foreign process holds the other core, so its
+tokens per CPU-second compare across versions even under load.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -42,8 +47,11 @@ def matmul_peak(seconds: float = 1.0) -> float:
     return 2 * 1024**3 * n / (time.perf_counter() - t0)
 
 
-def child(batch: int, dtype: str, n_prompts: int) -> dict:
+def child(batch: int, dtype: str, n_prompts: int, threads: int | None = None) -> dict:
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from cola_batch.model.presets import build_preset
     from cola_batch.pipeline.engine import Engine, RowRequest
@@ -108,16 +116,17 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--child", type=int, default=None)
     args = ap.parse_args()
     if args.child is not None:
-        print(json.dumps(child(args.child, args.dtype, args.prompts)))
+        print(json.dumps(child(args.child, args.dtype, args.prompts, args.threads)))
         return
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
     print(f"load average before: {' '.join(load)}")
     print(
         f"{'batch':>5} {'tokens':>6} {'sec':>7} {'tok/s':>7} {'cpu-s':>7} {'tok/cpu-s*T':>11} "
-        f"{'RSS GiB':>8} {'GFLOP':>7} {'mm GF/s':>8} {'MFU':>6}"
+        f"{'RSS GiB':>8} {'GFLOP':>7} {'mm GF/s':>8} {'MFU':>6} {'T':>2} {'load':>5}"
     )
     for b in args.batches:
         out = subprocess.run(
@@ -130,6 +139,7 @@ def main() -> None:
                 args.dtype,
                 "--prompts",
                 str(args.prompts),
+                *(["--threads", str(args.threads)] if args.threads else []),
             ],
             capture_output=True,
             text=True,
@@ -141,7 +151,8 @@ def main() -> None:
             f"{r['batch']:>5} {r['tokens']:>6} {r['seconds']:>7.1f} {r['tokens_per_s']:>7.1f} "
             f"{r['cpu_seconds']:>7.1f} {r['tokens_per_cpu_s_x_threads']:>11.1f} "
             f"{r['peak_rss_gib']:>8.2f} {r['model_gflops']:>7.0f} "
-            f"{r['bf16_matmul_gflops']:>8.0f} {r['mfu']:>6.1%}"
+            f"{r['bf16_matmul_gflops']:>8.0f} {r['mfu']:>6.1%} {r['threads']:>2} "
+            f"{os.getloadavg()[0]:>5.1f}"
         )
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
     print(f"load average after: {' '.join(load)}")

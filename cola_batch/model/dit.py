@@ -114,6 +114,10 @@ class AdaLN(nn.Module):
             self.add_module(name, _ada(dim, width))
 
 
+# Per-layer AdaLN terms: (shift_msa, 1 + scale_msa, gate_msa, shift_mlp, 1 + scale_mlp, gate_mlp).
+Modulation = tuple[torch.Tensor, ...]
+
+
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -123,28 +127,29 @@ class DiTBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.ada = AdaLN(d, {"msa_in": 2 * d, "msa_out": d, "mlp_in": 2 * d, "mlp_out": d})
 
+    def modulation(self, e_silu: torch.Tensor) -> Modulation:
+        """AdaLN terms for embedding rows `e_silu` (one row per distinct timestep)."""
+        shift1, scale1 = self.ada.msa_in[1](e_silu).chunk(2, dim=-1)
+        gate1 = self.ada.msa_out[1](e_silu)
+        shift2, scale2 = self.ada.mlp_in[1](e_silu).chunk(2, dim=-1)
+        gate2 = self.ada.mlp_out[1](e_silu)
+        return shift1, 1 + scale1, gate1, shift2, 1 + scale2, gate2
+
     def forward(
         self,
         x: torch.Tensor,
-        e_silu: torch.Tensor,
-        expand: torch.Tensor | None,
+        mod: Modulation,
         plan: AttentionPlan,
         layer: int,
         reference_numerics: bool,
     ) -> torch.Tensor:
+        """`mod` terms are per row (ΣQ, ·) or one broadcast row (1, ·)."""
         d = x.shape[-1]
-
-        def mod(name: str) -> torch.Tensor:
-            # Linear on the embedding rows first, then repeat per token (bit-parity, §3.4).
-            y = getattr(self.ada, name)[1](e_silu)
-            return y if expand is None else y[expand]
-
-        shift, scale = mod("msa_in").chunk(2, dim=-1)
-        h = F.layer_norm(x, (d,), eps=self.eps) * (1 + scale) + shift
-        x = self.msa(h, plan, layer, reference_numerics) * mod("msa_out") + x
-        shift, scale = mod("mlp_in").chunk(2, dim=-1)
-        h = F.layer_norm(x, (d,), eps=self.eps) * (1 + scale) + shift
-        return self.mlp(h) * mod("mlp_out") + x
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod
+        h = F.layer_norm(x, (d,), eps=self.eps) * scale1 + shift1
+        x = self.msa(h, plan, layer, reference_numerics) * gate1 + x
+        h = F.layer_norm(x, (d,), eps=self.eps) * scale2 + shift2
+        return self.mlp(h) * gate2 + x
 
 
 class _Proj(nn.Module):
@@ -207,6 +212,47 @@ class DiT(nn.Module):
             )
         return t.to(x.dtype), True
 
+    def _weights_key(self) -> tuple:
+        """Identity and version of every tensor the modulation depends on."""
+        mods = [self.emb_in, self.txt_out_ada] + [b.ada for b in self.blocks]
+        return tuple((p.data_ptr(), p._version, p.dtype) for m in mods for p in m.parameters())
+
+    def _modulations(
+        self, values: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[list[Modulation], tuple[torch.Tensor, torch.Tensor]]:
+        """AdaLN terms of every layer and of the output layer for distinct timesteps `values`.
+
+        The timestep MLP and the AdaLN linears run on a fixed number of rows (the distinct
+        values padded by repetition to 4, 8 or >= 12 rows: GEMM row counts whose per-row results
+        do not depend on the count, see pipeline/batch.py), so a timestep's terms are the same
+        bits however many samples or tokens share it — and they are memoised across calls
+        (Euler steps reuse the same few timesteps in every block).
+        """
+        n = values.numel()
+        m = 4 if n <= 4 else 8 if n <= 8 else max(12, n)
+        padded = torch.cat([values, values[:1].expand(m - n)])
+        dev = values.device
+        key = (
+            tuple(padded.tolist()),
+            dtype,
+            dev,
+            torch.is_autocast_enabled(dev.type),
+            torch.get_autocast_dtype(dev.type),
+            self._weights_key(),
+        )
+        # Memoised only without autograd: inference reuses terms, training must not.
+        memo = self.__dict__.setdefault("_mod_memo", {}) if not torch.is_grad_enabled() else {}
+        hit = memo.get(key)
+        if hit is None:
+            e = self.emb_in(timestep_sinusoid(padded).to(dtype))
+            e_silu = F.silu(e)
+            layers = [block.modulation(e_silu) for block in self.blocks]
+            shift, scale = self.txt_out_ada.out_in[1](e_silu).chunk(2, dim=-1)
+            if len(memo) > 256:
+                memo.clear()
+            hit = memo[key] = (layers, (shift, 1 + scale))
+        return hit
+
     def forward(
         self,
         x: torch.Tensor,
@@ -231,13 +277,23 @@ class DiT(nn.Module):
             update_cache=update_cache,
         )
         t, per_sample = self._timesteps(timestep, h, plan.batch)
-        e = self.emb_in(timestep_sinusoid(t).to(h.dtype))
-        e_silu = F.silu(e)
-        expand = plan.rows_b if per_sample else None
+        # AdaLN depends on the timestep only: compute it per distinct value, then broadcast
+        # (one value) or gather per row. Per-sample and per-token forms give the same terms.
+        values = t.detach().float()
+        uniq, inverse = torch.unique(values, return_inverse=True)
+        layers, (shift, scale) = self._modulations(uniq, h.dtype)
+        if uniq.numel() == 1:
+            expand: torch.Tensor | None = None
+            pick = slice(0, 1)
+        else:
+            expand = inverse[plan.rows_b] if per_sample else inverse
+            pick = slice(None)
+
+        def rows(term: torch.Tensor) -> torch.Tensor:
+            return term[pick] if expand is None else term[expand]
+
         for i, block in enumerate(self.blocks):
-            h = block(h, e_silu, expand, plan, i, self.reference_numerics)
+            h = block(h, tuple(rows(term) for term in layers[i]), plan, i, self.reference_numerics)
         plan.finish()
-        mod = self.txt_out_ada.out_in[1](e_silu)
-        shift, scale = (mod if expand is None else mod[expand]).chunk(2, dim=-1)
-        y = self.txt_out_norm(h) * (1 + scale) + shift
+        y = self.txt_out_norm(h) * rows(scale) + rows(shift)
         return self.txt_out.proj(y)

@@ -242,10 +242,10 @@ class Engine:
     ) -> Iterator[RowResult]:
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a SamplingParams")
-        # bf16 weights still run under autocast: norms then emit fp32, so the DiT cache is
-        # fp32 and the attention core reads it through a fresh contiguous bf16 copy. Feeding
-        # bf16 activations instead stores a bf16 cache that the core reads in place, and the
-        # batched GEMM's result then depends on the cache's capacity (set by batch-mates).
+        # bf16 weights still run under autocast, so norms, softmax and RoPE stay fp32. The
+        # explicit DiT core stores its cache in bf16, head-major, and multiplies the whole
+        # capacity in place (positions past a row's length masked); its results do not depend
+        # on that width (>= 64, see batch.py), so no per-layer copy of the history is needed.
         autocast = self.dtype != "fp32"
         dit = self.model.dit
         explicit_core = self.reference_numerics or self.dtype != "fp32"
