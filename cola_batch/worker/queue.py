@@ -33,6 +33,9 @@ def enqueue_shard(
     app.send_task(
         SHARD_TASK_NAME,
         args=[task.model_dump(mode="json")],
+        # Celery would repeat the whole task as its printable form; a short tag keeps each
+        # queued message small (Redis holds one per pending shard).
+        argsrepr=f"{task.job_id}:{task.shard_id}:g{task.generation}",
         queue=queue,
         countdown=countdown,
     )
