@@ -6,6 +6,7 @@ against a private redis-server and, where named, a SeaweedFS S3 server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -253,3 +254,47 @@ def test_status_lists_each_worker_and_the_shard_it_runs(
         assert result.exit_code == 0, result.output
         assert "cola-cpu-" in result.output and "workers" in result.output
         control.cancel(spec.job_id)
+
+
+def _scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}"] = sample.value
+    return values
+
+
+def test_worker_metrics_move_while_a_job_runs(
+    control: Control, tiny_model: Path, tmp_path: Path
+) -> None:
+    from services import free_port
+
+    port = free_port()
+    prompts = write_prompts(tmp_path / "p.jsonl", 8)
+    spec = control.submit([str(prompts)], model=str(tiny_model), sampling=FAST, shard_size=2)
+    env = {"COLA_BATCH_METRICS_PORT": str(port)}
+    with WorkerGroup(tiny_model, control.settings.redis_url_value(), tmp_path, env=env) as group:
+        deadline = time.monotonic() + 90
+        seen: list[dict[str, float]] = []
+        while True:
+            assert time.monotonic() < deadline, group.log_text()
+            with contextlib.suppress(OSError):  # the endpoint starts once the model has loaded
+                seen.append(_scrape(port))
+            if control.status(spec.job_id).terminal and seen:
+                break
+            time.sleep(0.3)
+        final = _scrape(port)
+    ok_key = "cola_batch_rows_total{queue=cola-batch,status=ok}"
+    assert final[ok_key] == 8
+    assert final["cola_batch_tokens_total{queue=cola-batch}"] > 0
+    assert final["cola_batch_shard_seconds_count{queue=cola-batch}"] == 4
+    assert final["cola_batch_model_load_seconds{}"] > 0
+    # Scraped during the job: the row counter was seen below its final value and then rising.
+    assert any(s.get(ok_key, 0) < 8 for s in seen)
