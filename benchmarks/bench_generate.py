@@ -84,7 +84,19 @@ def child(batch: int, dtype: str, n_prompts: int, threads: int | None = None) ->
         )
         return dec_call(z, k_lens, q_lens, *a, **kw)
 
+    def guided_counted(x, k_lens, q_lens, *a, **kw):
+        # Conditional rows read the cache; the unconditional copy attends its own rows only.
+        q = torch.as_tensor(q_lens).reshape(-1)
+        q = q[q > 0]
+        flops[0] += 4 * x.shape[0] * dit_w + attn(
+            k_lens, q_lens, dcfg.heads, dcfg.head_dim, dcfg.num_layers
+        ) + attn(q, q, dcfg.heads, dcfg.head_dim, dcfg.num_layers)
+        return guided_call(x, k_lens, q_lens, *a, **kw)
+
+    guided_call = getattr(dit, "forward_guided", None)
     dit.forward = dit_counted
+    if guided_call is not None:
+        dit.forward_guided = guided_counted
     vae.decode = dec_counted
     engine = Engine(model, dtype=dtype, batch_tokens=1 << 30, max_rows=batch)
     params = SamplingParams(max_new_tokens=32, timesteps=16, guidance_scale=7.0, temperature=0.0)

@@ -222,6 +222,37 @@ class AttentionPlan:
         return out.transpose(1, 2)[self.rows_b, self.rows_j]
 
 
+class PairPlan:
+    """Two plans over consecutive row ranges of one activation tensor.
+
+    Used to run the conditional and unconditional passes of classifier-free guidance as one
+    model call: every Linear sees both halves' rows at once, attention runs per half with its
+    own plan (the first may read/update a cache, the second attends its own rows only).
+    """
+
+    def __init__(self, first: AttentionPlan, second: AttentionPlan) -> None:
+        self.first, self.second = first, second
+        self.split = int(first.q_lens.sum())
+        self.q_pos = torch.cat([first.q_pos, second.q_pos])
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        reference_numerics: bool = False,
+    ) -> torch.Tensor:
+        n = self.split
+        a = self.first.attend(layer, q[:n], k_new[:n], v_new[:n], reference_numerics)
+        b = self.second.attend(layer, q[n:], k_new[n:], v_new[n:], reference_numerics)
+        return torch.cat([a, b])
+
+    def finish(self) -> None:
+        self.first.finish()
+        self.second.finish()
+
+
 def _core(
     q: torch.Tensor,
     k: torch.Tensor,

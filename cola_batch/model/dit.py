@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cola_batch.model.attention import AttentionPlan, RopeTable, rotate_pairs
+from cola_batch.model.attention import AttentionPlan, PairPlan, RopeTable, rotate_pairs
 from cola_batch.model.cache import KVCache
 from cola_batch.model.config import DiTConfig
 
@@ -80,7 +80,7 @@ class DiTAttention(nn.Module):
             return torch.cat([rot, xf[..., width:]], dim=-1).to(x.dtype)
 
     def forward(
-        self, h: torch.Tensor, plan: AttentionPlan, layer: int, reference_numerics: bool
+        self, h: torch.Tensor, plan: AttentionPlan | PairPlan, layer: int, reference_numerics: bool
     ) -> torch.Tensor:
         rows = h.shape[0]
         q, k, v = self.proj_qkv(h).reshape(rows, 3, self.heads, self.head_dim).unbind(1)
@@ -139,7 +139,7 @@ class DiTBlock(nn.Module):
         self,
         x: torch.Tensor,
         mod: Modulation,
-        plan: AttentionPlan,
+        plan: AttentionPlan | PairPlan,
         layer: int,
         reference_numerics: bool,
     ) -> torch.Tensor:
@@ -276,7 +276,48 @@ class DiT(nn.Module):
             cache=cache,
             update_cache=update_cache,
         )
-        t, per_sample = self._timesteps(timestep, h, plan.batch)
+        return self._run(h, plan, plan, timestep, 1)
+
+    def forward_guided(
+        self,
+        x: torch.Tensor,
+        k_lens: torch.Tensor,
+        q_lens: torch.Tensor,
+        timestep: float | torch.Tensor,
+        cache: KVCache,
+        update_cache: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditional and unconditional velocities of the same rows in one pass.
+
+        The conditional half is `forward(x, k_lens, q_lens, timestep, cache, update_cache)`;
+        the unconditional half is `forward(x, q, q, timestep)` with q the non-zero `q_lens`
+        (no history, positions from 0). Both halves share every Linear call (2·ΣQ rows; GEMM
+        rows do not depend on the row count) and the timestep terms; attention runs per half.
+        """
+        cfg = self.config
+        if update_cache and cache is None:
+            raise ValueError("update_cache=True needs a cache")
+        h = self.txt_in.proj(x)
+        rows = x.shape[0]
+        cond = AttentionPlan.build(
+            k_lens, q_lens, rows, cfg.block_size, x.device, cache=cache, update_cache=update_cache
+        )
+        q_u = cond.q_lens[cond.q_lens > 0]
+        uncond = AttentionPlan.build(q_u, q_u, rows, cfg.block_size, x.device)
+        out = self._run(torch.cat([h, h]), cond, PairPlan(cond, uncond), timestep, 2)
+        return out[:rows], out[rows:]
+
+    def _run(
+        self,
+        h: torch.Tensor,
+        first: AttentionPlan,
+        plan: AttentionPlan | PairPlan,
+        timestep: float | torch.Tensor,
+        copies: int,
+    ) -> torch.Tensor:
+        """The blocks and output layer on `copies` stacked copies of `first`'s rows."""
+        rows = h.shape[0] // copies
+        t, per_sample = self._timesteps(timestep, h[:rows], first.batch)
         # AdaLN depends on the timestep only: compute it per distinct value, then broadcast
         # (one value) or gather per row. Per-sample and per-token forms give the same terms.
         values = t.detach().float()
@@ -286,14 +327,16 @@ class DiT(nn.Module):
             expand: torch.Tensor | None = None
             pick = slice(0, 1)
         else:
-            expand = inverse[plan.rows_b] if per_sample else inverse
+            expand = inverse[first.rows_b] if per_sample else inverse
+            expand = expand.repeat(copies)
             pick = slice(None)
 
-        def rows(term: torch.Tensor) -> torch.Tensor:
+        def per_row(term: torch.Tensor) -> torch.Tensor:
             return term[pick] if expand is None else term[expand]
 
         for i, block in enumerate(self.blocks):
-            h = block(h, tuple(rows(term) for term in layers[i]), plan, i, self.reference_numerics)
+            mod = tuple(per_row(term) for term in layers[i])
+            h = block(h, mod, plan, i, self.reference_numerics)
         plan.finish()
-        y = self.txt_out_norm(h) * rows(scale) + rows(shift)
+        y = self.txt_out_norm(h) * per_row(scale) + per_row(shift)
         return self.txt_out.proj(y)

@@ -129,6 +129,8 @@ class RunningBatch:
         self.trace = trace
         self.autocast, self.grouped_dit, self.act = autocast, grouped_dit, act_dtype
         self.dit_forward = dit_forward or model.dit
+        # Cond + uncond in one eager pass; a compiled forward keeps two calls.
+        self.fused = dit_forward is None and hasattr(model.dit, "forward_guided")
         self.sample_generator = sample_generator
         self.S = model.dit.config.block_size
         self.P = model.vae.config.patch_size
@@ -261,16 +263,28 @@ class RunningBatch:
                     z = torch.where(pin_mask[:, None], pin_vals, z)
                 xin = z.to(torch.bfloat16).to(self.act)
                 with self.ctx():
-                    c = self.dit_forward(
-                        xin,
-                        kk_c,
-                        q_c,
-                        self._times(t, n + part.dummy, n * S, pins),
-                        cache=part.cache,
-                        update_cache=True,
-                    )
-                    part.cache.advance(-q_c)
-                    u = self.dit_forward(xin, q, q, self._times(t, n, n * S, pins))
+                    if self.fused:
+                        # One call: the unconditional rows are extra rows of the same pass.
+                        c, u = self.model.dit.forward_guided(
+                            xin,
+                            kk_c,
+                            q_c,
+                            self._times(t, n + part.dummy, n * S, pins),
+                            cache=part.cache,
+                            update_cache=True,
+                        )
+                        part.cache.advance(-q_c)
+                    else:
+                        c = self.dit_forward(
+                            xin,
+                            kk_c,
+                            q_c,
+                            self._times(t, n + part.dummy, n * S, pins),
+                            cache=part.cache,
+                            update_cache=True,
+                        )
+                        part.cache.advance(-q_c)
+                        u = self.dit_forward(xin, q, q, self._times(t, n, n * S, pins))
                 s = scale_dev.to(c.dtype)
                 v = s * (c - u) + u
                 z = z - (v * self.dt[step]).float()
