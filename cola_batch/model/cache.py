@@ -157,29 +157,40 @@ class KVCache:
 
     def concat(self, other: KVCache) -> KVCache:
         """A new cache with our samples followed by `other`'s; neither input changes."""
-        if other.num_layers != self.num_layers:
+        return KVCache.concat_all([self, other])
+
+    @staticmethod
+    def concat_all(caches: Sequence[KVCache]) -> KVCache:
+        """A new cache with the samples of `caches` in order; no input changes.
+
+        Each layer is allocated once at its final size and filled in place (no per-part
+        padded copies), which keeps the peak memory of admitting many rows at ~1× the result.
+        """
+        if not caches:
+            raise ValueError("nothing to concatenate")
+        layers = caches[0].num_layers
+        if any(c.num_layers != layers for c in caches):
             raise ValueError("caches of different depth cannot be concatenated")
-        out = KVCache(self.num_layers, self.num_samples() + other.num_samples())
-        out._lengths = torch.cat([self._lengths, other._lengths])
+        out = KVCache(layers, sum(c.num_samples() for c in caches))
+        out._lengths = torch.cat([c._lengths for c in caches])
         width = capacity_for(int(out._lengths.max()) if out._lengths.numel() else 0)
-        for i in range(self.num_layers):
-            parts_k, parts_v = [], []
-            ref = self._k[i] if self._k[i] is not None else other._k[i]
-            ref_v = self._v[i] if self._v[i] is not None else other._v[i]
+        total = out.num_samples()
+        for i in range(layers):
+            ref = next((c._k[i] for c in caches if c._k[i] is not None), None)
+            ref_v = next((c._v[i] for c in caches if c._v[i] is not None), None)
             if ref is None or ref_v is None:
                 continue
-            for cache in (self, other):
+            ok = ref.new_zeros((total, ref.shape[1], width, ref.shape[3]))
+            ov = ref_v.new_zeros((total, ref_v.shape[1], width, ref_v.shape[3]))
+            at = 0
+            for cache in caches:
                 k, v, n = cache._k[i], cache._v[i], cache.num_samples()
-                pk = ref.new_zeros((n, ref.shape[1], width, ref.shape[3]))
-                pv = ref_v.new_zeros((n, ref_v.shape[1], width, ref_v.shape[3]))
                 if k is not None and v is not None:
                     w = min(width, k.shape[2])
-                    pk[:, :, :w] = k[:, :, :w]
-                    pv[:, :, :w] = v[:, :, :w]
-                parts_k.append(pk)
-                parts_v.append(pv)
-            out._k[i] = torch.cat(parts_k)
-            out._v[i] = torch.cat(parts_v)
+                    ok[at : at + n, :, :w] = k[:, :, :w]
+                    ov[at : at + n, :, :w] = v[:, :, :w]
+                at += n
+            out._k[i], out._v[i] = ok, ov
         return out
 
     def to(self, device: torch.device | str) -> KVCache:

@@ -185,6 +185,7 @@ class RunningBatch:
     def add(self, newcomers: Sequence[RowState]) -> None:
         """Prefill newcomers (already encoded) in groups of equal prefix length, then merge."""
         by_p: dict[int, list[RowState]] = {}
+        fresh: list[Part] = []
         for r in newcomers:
             by_p.setdefault(r.plan.prefix_latents, []).append(r)
         for p, rows in by_p.items():
@@ -209,8 +210,21 @@ class RunningBatch:
             for r in rows:
                 r.k = p
                 r.latents = None
-            self._merge(self.dit_parts, Part(list(rows), dit_cache), self.grouped_dit)
+            if self.grouped_dit:
+                self._merge(self.dit_parts, Part(list(rows), dit_cache), True)
+            else:
+                fresh.append(Part(list(rows), dit_cache))
             self._merge(self.vae_parts, Part(list(rows), vae_cache), True)
+        if fresh:
+            # One concatenation for every newcomer group: caches are copied once, not once
+            # per group (which also kept freed, ever larger copies in the heap).
+            if not self.dit_parts:
+                dummy = KVCache(fresh[0].cache.num_layers, 1)
+                dummy.advance(torch.tensor([WIDTH_FLOOR]))
+                self.dit_parts.append(Part([], dummy, 1))
+            base = self.dit_parts[0]
+            base.rows.extend(r for part in fresh for r in part.rows)
+            base.cache = KVCache.concat_all([base.cache] + [part.cache for part in fresh])
 
     def remove(self, gone: set[int]) -> None:
         """Drop rows (by id()) from every part and cache."""
