@@ -240,8 +240,9 @@ def test_status_lists_each_worker_and_the_shard_it_runs(
     from cola_batch.cli_jobs import worker_activity
 
     prompts = write_prompts(tmp_path / "p.jsonl", 12)
-    slow = SamplingParams(max_new_tokens=32, timesteps=8)
-    spec = control.submit([str(prompts)], model=str(tiny_model), sampling=slow, shard_size=4)
+    # Shards of several seconds even on an idle machine, so one is seen running.
+    slow = SamplingParams(max_new_tokens=128, timesteps=16)
+    spec = control.submit([str(prompts)], model=str(tiny_model), sampling=slow, shard_size=6)
     with WorkerGroup(tiny_model, control.settings.redis_url_value(), tmp_path) as group:
         deadline = time.monotonic() + 90
         running: dict[str, list[dict]] = {}

@@ -27,6 +27,7 @@ from harness import (
 
 from cola_batch import keys, storage
 from cola_batch.schemas.job import JobState
+from cola_batch.schemas.sampling import SamplingParams
 
 
 def kill9_mid_shard(
@@ -72,6 +73,9 @@ def kill9_mid_shard(
     return result
 
 
+LONG_SAMPLING = SamplingParams(max_new_tokens=128, timesteps=16)
+
+
 def sigterm_mid_shard(lab: Lab, *, seed: int = 0) -> ScenarioResult:
     """SIGTERM a worker mid-shard, twice: with a grace period longer than the shard (the shard
     finishes and commits before the worker exits), and with a grace period shorter than the
@@ -108,7 +112,8 @@ def sigterm_mid_shard(lab: Lab, *, seed: int = 0) -> ScenarioResult:
     # 2. Grace period too short: cold shutdown requeues the running shard at once.
     env = {"COLA_BATCH_SOFT_SHUTDOWN_S": "1", "COLA_BATCH_VISIBILITY_TIMEOUT_S": "600"}
     group = lab.workers(env=env)
-    spec, ids = lab.submit(16, shard_size=16, sampling=SLOW_SAMPLING)
+    # A shard of several seconds even on an idle machine, so it outlives the 1 s grace.
+    spec, ids = lab.submit(16, shard_size=16, sampling=LONG_SAMPLING)
     member, _ = lab.wait_running(spec.job_id)
     time.sleep(rng.uniform(0.2, 1.0))
     proc = live(group)
