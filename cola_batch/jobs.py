@@ -125,14 +125,8 @@ class Control:
             sink = RedisJobState(self.store, lambda _s: job_uri)
             sink.job_validating(spec)
             sink.job_created(spec, tasks)
-            for shard, record in records.items():
-                self.store.record_shard(
-                    job_id, shard, record["generation"],
-                    rows_ok=record["rows_ok"], rows_failed=record["rows_failed"],
-                    prompt_tokens=record["prompt_tokens"],
-                    completion_tokens=record["completion_tokens"],
-                    dead=bool(record.get("dead_lettered")),
-                )  # fmt: skip
+            for record in records.values():
+                self.store.record_commit(record)
         to_send: list[ShardTask] = []
         for task in tasks:
             record = records.get(task.shard_id)
@@ -141,13 +135,7 @@ class Control:
                 to_send.append(task)
             elif rerun_failed and record["rows_failed"] > 0:
                 generation = record["generation"]
-                self.store.forget_shard(
-                    job_id, task.shard_id, generation,
-                    rows_ok=record["rows_ok"], rows_failed=record["rows_failed"],
-                    prompt_tokens=record["prompt_tokens"],
-                    completion_tokens=record["completion_tokens"],
-                    shard_failed=bool(record.get("dead_lettered")) or record["rows_ok"] == 0,
-                )  # fmt: skip
+                self.store.forget_commit(record)
                 to_send.append(task.model_copy(update={"generation": generation + 1}))
         status = self.store.get(job_id)
         if to_send:
@@ -171,7 +159,6 @@ def staged_tasks(spec: JobSpec, job_uri: str) -> list[ShardTask]:
     tasks = []
     for uri in sorted(storage.list_files(keys.inputs_prefix(job_uri))):
         shard = keys.parse_shard_name(uri)
-        meta = pq.read_metadata(io.BytesIO(storage.read_bytes(uri)))
         table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["row_index"])
         first = int(table.column("row_index")[0].as_py())
         tasks.append(
@@ -181,8 +168,8 @@ def staged_tasks(spec: JobSpec, job_uri: str) -> list[ShardTask]:
                 job_uri=job_uri,
                 input_uri=uri,
                 row_start=first,
-                row_end=first + meta.num_rows,
-                row_count=meta.num_rows,
+                row_end=first + table.num_rows,
+                row_count=table.num_rows,
             )
         )
     return tasks

@@ -278,21 +278,18 @@ def commit_shard(
         "worker": socket.gethostname(),
         "pid": os.getpid(),
     }
-    record_uri = keys.commit_record_uri(job, task.shard_id, task.generation)
-    body = json.dumps(record, sort_keys=True, indent=1).encode()
-    if not storage.write_if_absent(record_uri, body):
-        record = json.loads(storage.read_text(record_uri))  # a concurrent run won: adopt it
-    store.record_shard(
-        task.job_id,
-        task.shard_id,
-        task.generation,
-        rows_ok=record["rows_ok"],
-        rows_failed=record["rows_failed"],
-        prompt_tokens=record["prompt_tokens"],
-        completion_tokens=record["completion_tokens"],
-        dead=bool(record["dead_lettered"]),
-    )
+    record = _create_commit_record(task, record)
+    store.record_commit(record)
     return record
+
+
+def _create_commit_record(task: ShardTask, record: dict[str, Any]) -> dict[str, Any]:
+    """Create the shard's commit record once; a concurrent run that won the race is adopted."""
+    record_uri = keys.commit_record_uri(task.job_uri, task.shard_id, task.generation)
+    body = json.dumps(record, sort_keys=True, indent=1).encode()
+    if storage.write_if_absent(record_uri, body):
+        return record
+    return json.loads(storage.read_text(record_uri))
 
 
 def _dead_letter(store: JobStore, spec: JobSpec, task: ShardTask, reason: str) -> dict[str, Any]:
@@ -342,16 +339,7 @@ def _dead_letter_unreadable(
         "worker": socket.gethostname(),
         "pid": os.getpid(),
     }
-    record_uri = keys.commit_record_uri(task.job_uri, task.shard_id, task.generation)
-    body = json.dumps(record, sort_keys=True, indent=1).encode()
-    if not storage.write_if_absent(record_uri, body):
-        record = json.loads(storage.read_text(record_uri))
-    store.record_shard(
-        task.job_id, task.shard_id, task.generation,
-        rows_ok=record["rows_ok"], rows_failed=record["rows_failed"],
-        prompt_tokens=record["prompt_tokens"], completion_tokens=record["completion_tokens"],
-        dead=True,
-    )  # fmt: skip
+    store.record_commit(_create_commit_record(task, record))
     log.error("job %s shard %d dead-lettered: %s", task.job_id, task.shard_id, message)
     maybe_finalize(store, task.job_id, task.job_uri)
     return {"outcome": "dead"}

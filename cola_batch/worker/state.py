@@ -235,6 +235,32 @@ class JobStore:
         pipe.hincrby(counters, "shards_failed" if shard_failed else "shards_completed", -1)
         pipe.execute()
 
+    def record_commit(self, record: dict) -> bool:
+        """`record_shard` for a shard's commit record (the dict stored under commits/)."""
+        return self.record_shard(
+            record["job_id"],
+            record["shard_id"],
+            record["generation"],
+            rows_ok=record["rows_ok"],
+            rows_failed=record["rows_failed"],
+            prompt_tokens=record["prompt_tokens"],
+            completion_tokens=record["completion_tokens"],
+            dead=bool(record.get("dead_lettered")),
+        )
+
+    def forget_commit(self, record: dict) -> None:
+        """Undo `record_commit(record)` before a retry supersedes it with a new generation."""
+        self.forget_shard(
+            record["job_id"],
+            record["shard_id"],
+            record["generation"],
+            rows_ok=record["rows_ok"],
+            rows_failed=record["rows_failed"],
+            prompt_tokens=record["prompt_tokens"],
+            completion_tokens=record["completion_tokens"],
+            shard_failed=bool(record.get("dead_lettered")) or record["rows_ok"] == 0,
+        )
+
     def shards_recorded(self, job_id: str) -> int:
         counters = self.r.hmget(keys.job_counters_key(job_id), "shards_completed", "shards_failed")
         return sum(int(v or 0) for v in counters)
