@@ -184,6 +184,23 @@ def job_keys(job_id: str) -> list[str]:
     ]
 
 
+# ---------------------------------------------------------------- kombu's Redis transport
+# Celery's queues are kombu's keys, not ours; they are listed here because metrics (queue depth,
+# in-flight shards) and the worker's read-ahead read them directly.
+
+KOMBU_SEP = "\x06\x16"
+KOMBU_PRIORITY_STEPS = (3, 6, 9)
+KOMBU_UNACKED_KEY = "unacked"
+KOMBU_BINDING_PREFIX = "_kombu.binding."
+
+
+def kombu_queue_lists(queue: str) -> list[str]:
+    """The Redis lists kombu keeps one queue in, in the order it serves them: the plain name
+    (priority 0) and then its priority lists "<queue><sep><step>". Messages are LPUSHed and
+    BRPOPed, so the next message of a list is at index -1."""
+    return [queue, *(f"{queue}{KOMBU_SEP}{step}" for step in KOMBU_PRIORITY_STEPS)]
+
+
 # ---------------------------------------------------------------- OpenAI-compatible HTTP API
 #
 # The API (`cola_batch.api`) keeps uploaded and generated files under its own storage base

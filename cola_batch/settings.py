@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     worker_prefetch: int = Field(
         1, ge=1, description="Celery worker_prefetch_multiplier (1 = one shard at a time)."
     )
+    worker_read_ahead: bool = Field(
+        True,
+        description="While a shard's last quarter generates, peek at the queue head (without "
+        "taking it) and download that shard's staged input, so the next shard starts "
+        "without waiting on storage. Costs one extra read of a shard another worker takes.",
+    )
     storage_retries: int = Field(
         5, ge=0, le=50, description="Retries of one object-storage call on transient errors."
     )

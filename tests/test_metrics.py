@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from services import free_port
 
+from cola_batch import keys
 from cola_batch.settings import Settings
 from cola_batch.worker import metrics
 
@@ -104,7 +105,7 @@ def test_unacked_entries_resolve_to_their_queue() -> None:
 
 
 def test_queue_lists_include_kombu_priority_lists() -> None:
-    assert metrics.queue_list_names("q") == ["q", "q\x06\x163", "q\x06\x166", "q\x06\x169"]
+    assert keys.kombu_queue_lists("q") == ["q", "q\x06\x163", "q\x06\x166", "q\x06\x169"]
 
 
 # ---------------------------------------------------------------------- worker instruments

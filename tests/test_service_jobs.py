@@ -64,6 +64,8 @@ def test_submit_wait_results_on_local_storage(
     with WorkerGroup(tiny_model, control.settings.redis_url_value(), tmp_path) as group:
         final = control.wait(spec.job_id, timeout_s=120)
         assert final.state is JobState.COMPLETED, group.log_text()
+    # One worker, three queued shards: while shard n generated it read shard n+1's input.
+    assert "input was read ahead" in group.logs[0].read_text(), group.log_text()
 
     job = control.job_uri(spec.job_id)
     assert_exactly_once(job, input_ids(prompts), samples=2)

@@ -16,6 +16,7 @@ Contract (design.md invariants 2-7):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -23,6 +24,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,15 +34,18 @@ import pyarrow.parquet as pq
 from cola_batch import keys, storage
 from cola_batch.schemas.arrow import OUTPUT_SCHEMA, output_table, with_provenance
 from cola_batch.schemas.job import ErrorCode, JobSpec, OutputRow, ShardTask
+from cola_batch.schemas.sampling import SamplingParams
 from cola_batch.settings import get_settings
 from cola_batch.worker import metrics
 from cola_batch.worker.finalize import maybe_finalize
+from cola_batch.worker.readahead import ReadAhead
 from cola_batch.worker.state import JobStore
 
 log = logging.getLogger(__name__)
 
 _specs: OrderedDict[str, JobSpec] = OrderedDict()
 _store: JobStore | None = None
+_read_ahead: ReadAhead | None = None
 
 
 def job_store() -> JobStore:
@@ -137,8 +142,24 @@ def _maybe_inject_kill(job_id: str, shard_id: int) -> None:
 # ---------------------------------------------------------------------- generation
 
 
+def read_ahead() -> ReadAhead | None:
+    """This process's read-ahead slot, or None when `worker_read_ahead` is off."""
+    global _read_ahead
+    if _read_ahead is None and get_settings().worker_read_ahead:
+        _read_ahead = ReadAhead(lambda: job_store().r)
+    return _read_ahead
+
+
 def read_input(task: ShardTask) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(task.input_uri)))
+    slot = read_ahead()
+    data = slot.take(task.input_uri) if slot is not None else None
+    if slot is not None:
+        metrics.READ_AHEAD.labels("hit" if data is not None else "miss").inc()
+    if data is None:
+        data = storage.read_bytes(task.input_uri)
+    else:
+        log.info("job %s shard %d: input was read ahead", task.job_id, task.shard_id)
+    return pq.read_table(io.BytesIO(data))
 
 
 def _generate(spec: JobSpec, task: ShardTask) -> list[OutputRow]:
@@ -173,21 +194,33 @@ def _generate(spec: JobSpec, task: ShardTask) -> list[OutputRow]:
 
     engine = get_loaded().engine
     results: dict[tuple[str, int], OutputRow] = dict(previous)
-    for (max_tokens, temperature), requests in groups.items():
-        update: dict[str, Any] = {}
-        if max_tokens is not None:
-            update["max_new_tokens"] = int(max_tokens)
-        if temperature is not None:
-            update["temperature"] = float(temperature)
-        params = spec.sampling.model_copy(update=update) if update else spec.sampling
-        for result in engine.generate(requests, params):
-            results[(result.row_id, result.sample_index)] = to_output_row(result)
+    total = sum(len(requests) for requests in groups.values())
+    slot = read_ahead()
+    with slot.following(spec.queue) if slot else contextlib.nullcontext(None) as progress:
+        for params, requests in _with_overrides(spec, groups):
+            for result in engine.generate(requests, params):
+                results[(result.row_id, result.sample_index)] = to_output_row(result)
+                if progress is not None:
+                    progress(len(results) - len(previous), total)
     missing = set(order) - set(results)
     for row_id, sample in missing:  # the engine must answer every request; never drop a row
         results[(row_id, sample)] = error_row(
             row_id, sample, ErrorCode.INTERNAL, "the generation engine returned no result"
         )
     return sorted(results.values(), key=lambda r: order[(r.id, r.sample_index)])
+
+
+def _with_overrides(
+    spec: JobSpec, groups: dict[tuple[Any, Any], list[Any]]
+) -> Iterator[tuple[SamplingParams, list[Any]]]:
+    """Each group of requests with the job's sampling params, plus its per-row overrides."""
+    for (max_tokens, temperature), requests in groups.items():
+        update: dict[str, Any] = {}
+        if max_tokens is not None:
+            update["max_new_tokens"] = int(max_tokens)
+        if temperature is not None:
+            update["temperature"] = float(temperature)
+        yield (spec.sampling.model_copy(update=update) if update else spec.sampling), requests
 
 
 # The engine's own error codes, mapped to the stable `ErrorCode` strings users filter on.

@@ -1,0 +1,149 @@
+"""Read-ahead: fetch the next shard's staged input while the current shard generates.
+
+Contract:
+* Broker prefetch stays at one shard per worker. A second reserved message would hide a shard
+  from idle workers and from the autoscaler, and age under the visibility timeout while it
+  waits. Instead, once a shard is `TAIL_FRACTION` done, a background thread *peeks* (never
+  takes) at the message the queue will hand out next — the right end of kombu's list — and
+  downloads that shard's staged input into memory. It re-peeks every `poll_s` until the shard
+  ends, so the copy follows the queue head while other workers take shards.
+* The copy is a cache, never a claim: staged inputs are immutable once their shard is enqueued,
+  so a copy is always valid, and which worker runs a shard is still decided by Celery. `take`
+  returns the copy only for the exact URI asked for (waiting for a download of that URI still in
+  flight) and forgets it; anything else is a miss and the caller reads storage as usual.
+* At most one staged input is held per process (the newest head). Read-ahead never raises:
+  broker, storage or message-format failures are logged at debug level and leave a miss.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from cola_batch import storage
+from cola_batch.keys import kombu_queue_lists
+from cola_batch.schemas.job import ShardTask
+from cola_batch.worker.celery_app import SHARD_TASK_NAME
+
+log = logging.getLogger(__name__)
+
+TAIL_FRACTION = 0.75
+
+
+def decode_shard_message(raw: str | bytes) -> ShardTask | None:
+    """The `ShardTask` inside one kombu Redis message (Celery protocol 2, JSON), else None."""
+    try:
+        message = json.loads(raw)
+        if message.get("headers", {}).get("task") != SHARD_TASK_NAME:
+            return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return ShardTask.model_validate(args[0])
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def peek_next_shard(client: Any, queue: str) -> ShardTask | None:
+    """The shard the queue would hand out next, without taking it (None if empty/unknown)."""
+    pipe = client.pipeline(transaction=False)
+    for name in kombu_queue_lists(queue):
+        pipe.lindex(name, -1)
+    for raw in pipe.execute():
+        if raw is not None:
+            return decode_shard_message(raw)
+    return None
+
+
+class ReadAhead:
+    """One process's read-ahead slot: at most one staged input held in memory."""
+
+    def __init__(
+        self,
+        client_factory: Callable[[], Any],
+        *,
+        read: Callable[[str], bytes] = storage.read_bytes,
+        poll_s: float = 1.0,
+    ) -> None:
+        self._client_factory = client_factory
+        self._read = read
+        self.poll_s = poll_s
+        self._lock = threading.Lock()
+        self._held: tuple[str, bytes] | None = None
+        self._loading: tuple[str, threading.Event] | None = None
+        self.hits = 0
+        self.misses = 0
+
+    # ------------------------------------------------------------------ consumer side
+
+    def take(self, uri: str, *, wait_s: float = 30.0) -> bytes | None:
+        """The held copy of `uri` (and forget it), or None: the caller reads storage."""
+        with self._lock:
+            loading = self._loading
+        if loading is not None and loading[0] == uri:
+            loading[1].wait(wait_s)
+        with self._lock:
+            held, self._held = self._held, None
+        if held is not None and held[0] == uri:
+            self.hits += 1
+            return held[1]
+        self.misses += 1
+        return None
+
+    # ------------------------------------------------------------------ producer side
+
+    def fetch_head(self, queue: str) -> None:
+        """Peek at the queue head once and hold its staged input (if not already held)."""
+        try:
+            task = peek_next_shard(self._client_factory(), queue)
+        except Exception as exc:  # noqa: BLE001 - read-ahead is an optimisation only
+            log.debug("read-ahead: cannot peek at %s: %s", queue, exc)
+            return
+        if task is None:
+            return
+        uri = task.input_uri
+        with self._lock:
+            if self._held is not None and self._held[0] == uri:
+                return
+            done = threading.Event()
+            self._loading = (uri, done)
+        try:
+            data = self._read(uri)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("read-ahead: cannot read %s: %s", storage.redact(uri), exc)
+            data = None
+        with self._lock:
+            if data is not None:
+                self._held = (uri, data)
+            self._loading = None
+        done.set()
+        if data is not None:
+            log.debug("read-ahead: holding %s (%d bytes)", storage.redact(uri), len(data))
+
+    @contextmanager
+    def following(self, queue: str) -> Iterator[Callable[[int, int], None]]:
+        """Yield `progress(done, total)`; from `TAIL_FRACTION` on, follow the queue head."""
+        stop = threading.Event()
+        thread: threading.Thread | None = None
+
+        def follow() -> None:
+            while not stop.is_set():
+                self.fetch_head(queue)
+                stop.wait(self.poll_s)
+
+        def progress(done: int, total: int) -> None:
+            nonlocal thread
+            if thread is None and done >= TAIL_FRACTION * total:
+                thread = threading.Thread(target=follow, name="cola-read-ahead", daemon=True)
+                thread.start()
+
+        try:
+            yield progress
+        finally:
+            stop.set()  # a download in flight completes; `take` waits for it if it wants it
