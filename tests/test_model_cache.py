@@ -134,6 +134,13 @@ def test_cache_select_and_concat_match_running_those_samples_alone(model: ColaMo
     b = dit(block, k, lens(bs, bs), 300.0, cache=alone)
     assert (a - b).abs().max() < TOL
 
+    kept = _prefill(dit, torch.cat(parts), sizes)
+    kept.keep_([2, 0])  # in place, same contents as select
+    assert kept.lengths() == [12, 8] and kept.capacity() == picked.capacity()
+    for layer in range(dit.config.num_layers):
+        assert all(torch.equal(x, y) for x, y in
+                   zip(kept.storage(layer), picked.storage(layer), strict=True))  # fmt: skip
+
     joined = _prefill(dit, parts[0], [8]).concat(_prefill(dit, torch.cat(parts[1:]), [4, 12]))
     assert joined.lengths() == sizes and joined.num_samples() == 3
     block3 = torch.randn(3 * bs, c, generator=g)

@@ -141,10 +141,23 @@ class AttentionPlan:
             self.cache.advance(self.q_lens)
 
     # ------------------------------------------------------------------ per layer
+    @property
+    def uniform(self) -> bool:
+        """Every sample has `max_q` rows: flat rows are then already the padded layout."""
+        return self.batch * self.max_q == self.rows_b.numel()
+
     def _pad(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.uniform:  # the common case (every sample runs one block): a view, no copy
+            return flat.view(self.batch, self.max_q, *flat.shape[1:])
         out = flat.new_zeros((self.batch, self.max_q, *flat.shape[1:]))
         out[self.rows_b, self.rows_j] = flat
         return out
+
+    def _unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """(B, maxQ, ...) -> (ΣQ, ...) flat rows in sample order."""
+        if self.uniform:
+            return padded.reshape(self.batch * self.max_q, *padded.shape[2:])
+        return padded[self.rows_b, self.rows_j]
 
     def keys_values(
         self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, full_capacity: bool = False
@@ -219,7 +232,7 @@ class AttentionPlan:
         qh = self._pad(q).transpose(1, 2)  # (B, H, maxQ, Dh)
         mask = self.mask_for(keys.shape[2])
         out = _core(qh, keys, values, mask, heads, reference_numerics)
-        return out.transpose(1, 2)[self.rows_b, self.rows_j]
+        return self._unpad(out.transpose(1, 2))
 
 
 class PairPlan:

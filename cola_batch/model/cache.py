@@ -15,7 +15,7 @@ Contract:
   absolute position, so this yields the same numbers as the reference, which stores them
   earlier and re-applies the norm/rotation on every read. The storage dtype is that of the
   first write (the DiT writes bf16 when its attention core rounds to bf16 anyway).
-* `append` (used by the models with `update_cache=True`) mutates the cache in place.
+* `write`/`advance` (the models with `update_cache=True`) and `keep_` mutate the cache in place.
   `select` and `concat` return new caches and never modify their inputs.
 """
 
@@ -150,10 +150,32 @@ class KVCache:
         for i in range(self.num_layers):
             k, v = self._k[i], self._v[i]
             if k is not None and v is not None:
+                # index_select copies whole per-sample slabs; advanced indexing (k[idx]) is
+                # an element-wise gather, several times slower on these sizes.
                 dev_idx = idx.to(k.device)
-                out._k[i] = _fit(k[dev_idx, :, :cap], cap)
-                out._v[i] = _fit(v[dev_idx, :, :cap], cap)
+                out._k[i] = _fit(k[:, :, :cap].index_select(0, dev_idx), cap)
+                out._v[i] = _fit(v[:, :, :cap].index_select(0, dev_idx), cap)
         return out
+
+    def keep_(self, indices: Sequence[int]) -> None:
+        """In place: keep samples `indices` (in that order), shrinking capacity to fit.
+
+        Same contents as `select`, but layers are replaced one at a time, so the transient
+        memory is one layer, not a second copy of the whole cache (a running batch drops
+        finished rows every block).
+        """
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        lengths = self._lengths[idx].clone()
+        cap = capacity_for(int(lengths.max()) if idx.numel() else 0)
+        for i in range(self.num_layers):
+            k, v = self._k[i], self._v[i]
+            if k is not None and v is not None:
+                dev_idx = idx.to(k.device)
+                self._k[i] = _fit(k[:, :, :cap].index_select(0, dev_idx), cap)
+                del k
+                self._v[i] = _fit(v[:, :, :cap].index_select(0, dev_idx), cap)
+                del v
+        self._lengths = lengths
 
     def concat(self, other: KVCache) -> KVCache:
         """A new cache with our samples followed by `other`'s; neither input changes."""

@@ -237,7 +237,8 @@ class RunningBatch:
                 elif keep:
                     idx = list(range(p.dummy)) + [i + p.dummy for i in keep]
                     rows = [p.rows[i] for i in keep]
-                    kept_parts.append(Part(rows, p.cache.select(idx), p.dummy))
+                    p.cache.keep_(idx)  # no other reference: compact in place, layer by layer
+                    kept_parts.append(Part(rows, p.cache, p.dummy))
             parts[:] = kept_parts
 
     # ------------------------------------------------------------------ one block
