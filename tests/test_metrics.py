@@ -30,7 +30,7 @@ from services import free_port
 
 from cola_batch import keys
 from cola_batch.settings import Settings
-from cola_batch.worker import metrics
+from cola_batch.worker import broker, metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,10 +98,10 @@ def test_unacked_entries_resolve_to_their_queue() -> None:
     default_exchange = json.dumps([{"body": "..."}, "", "q"])
     bound = json.dumps([{}, "ex", "rk"])
     unbound = json.dumps([{}, "ex", "nope"])
-    assert metrics.unacked_queue(default_exchange, bindings) == "q"
-    assert metrics.unacked_queue(bound.encode(), bindings) == "routed"
-    assert metrics.unacked_queue(unbound, bindings) is None
-    assert metrics.unacked_queue(b"not json", bindings) is None
+    assert broker.unacked_queue(default_exchange, bindings) == "q"
+    assert broker.unacked_queue(bound.encode(), bindings) == "routed"
+    assert broker.unacked_queue(unbound, bindings) is None
+    assert broker.unacked_queue(b"not json", bindings) is None
 
 
 def test_queue_lists_include_kombu_priority_lists() -> None:

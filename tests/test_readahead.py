@@ -16,8 +16,9 @@ import redis
 from cola_batch import keys
 from cola_batch.schemas.job import ShardTask
 from cola_batch.settings import Settings
+from cola_batch.worker.broker import decode_shard_message, peek_next_shard
 from cola_batch.worker.queue import enqueue_shard
-from cola_batch.worker.readahead import ReadAhead, decode_shard_message, peek_next_shard
+from cola_batch.worker.readahead import ReadAhead
 
 QUEUE = "cola-batch-test"
 

@@ -23,7 +23,6 @@ Contract:
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import socketserver
 import sys
@@ -37,14 +36,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cola_batch.keys import (
-    KOMBU_BINDING_PREFIX,
-    KOMBU_PRIORITY_STEPS,
-    KOMBU_SEP,
-    KOMBU_UNACKED_KEY,
-)
-from cola_batch.keys import kombu_queue_lists as queue_list_names
 from cola_batch.settings import Settings
+from cola_batch.worker.broker import read_queue_stats
 
 log = logging.getLogger(__name__)
 
@@ -181,60 +174,6 @@ REGISTRY.register(GpuMemoryCollector())
 
 
 # ---------------------------------------------------------------------- queue gauges
-
-
-def unacked_queue(
-    entry: bytes | str, bindings: Callable[[str], list[tuple[str, str]]]
-) -> str | None:
-    """The queue an entry of kombu's `unacked` hash was delivered from, if it can be told.
-
-    An entry is JSON `[message, exchange, routing_key]`. The default exchange ("") routes by
-    queue name; any other exchange is resolved through its kombu binding table, given by
-    `bindings(exchange)` as (routing_key, queue) pairs.
-    """
-    try:
-        _, exchange, routing_key = json.loads(entry)
-    except (ValueError, TypeError):
-        return None
-    if not isinstance(routing_key, str) or not isinstance(exchange, str):
-        return None
-    if exchange == "":
-        return routing_key
-    for key, queue in bindings(exchange):
-        if key == routing_key:
-            return queue
-    return None
-
-
-def read_queue_stats(client: Any, queues: list[str]) -> dict[str, tuple[int, int]]:
-    """{queue: (depth, in_flight)} from one Redis database, read now."""
-    pipe = client.pipeline(transaction=False)
-    for queue in queues:
-        for name in queue_list_names(queue):
-            pipe.llen(name)
-    lengths = pipe.execute()
-    per_queue = len(KOMBU_PRIORITY_STEPS) + 1
-    depth = {q: sum(lengths[i * per_queue : (i + 1) * per_queue]) for i, q in enumerate(queues)}
-
-    cache: dict[str, list[tuple[str, str]]] = {}
-
-    def bindings(exchange: str) -> list[tuple[str, str]]:
-        if exchange not in cache:
-            pairs = []
-            for member in client.smembers(KOMBU_BINDING_PREFIX + exchange):
-                text = member.decode() if isinstance(member, bytes) else member
-                parts = text.split(KOMBU_SEP)
-                if len(parts) == 3:
-                    pairs.append((parts[0], parts[2]))
-            cache[exchange] = pairs
-        return cache[exchange]
-
-    inflight = dict.fromkeys(queues, 0)
-    for _, entry in client.hscan_iter(KOMBU_UNACKED_KEY, count=500):
-        queue = unacked_queue(entry, bindings)
-        if queue in inflight:
-            inflight[queue] += 1
-    return {q: (int(depth[q]), inflight[q]) for q in queues}
 
 
 class QueueCollector(Collector):

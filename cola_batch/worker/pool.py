@@ -118,7 +118,7 @@ class Pool:
         return [w for w in self.workers if w.phase in ("starting", "up")]
 
     def observe(self) -> Observation:
-        from cola_batch.worker.metrics import read_queue_stats
+        from cola_batch.worker.broker import read_queue_stats
 
         stats = read_queue_stats(self.redis, self.queues)
         cap = self.capacity()

@@ -17,8 +17,6 @@ Contract:
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -26,39 +24,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from cola_batch import storage
-from cola_batch.keys import kombu_queue_lists
-from cola_batch.schemas.job import ShardTask
-from cola_batch.worker.celery_app import SHARD_TASK_NAME
+from cola_batch.worker.broker import peek_next_shard
 
 log = logging.getLogger(__name__)
 
 TAIL_FRACTION = 0.75
-
-
-def decode_shard_message(raw: str | bytes) -> ShardTask | None:
-    """The `ShardTask` inside one kombu Redis message (Celery protocol 2, JSON), else None."""
-    try:
-        message = json.loads(raw)
-        if message.get("headers", {}).get("task") != SHARD_TASK_NAME:
-            return None
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        return ShardTask.model_validate(args[0])
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        return None
-
-
-def peek_next_shard(client: Any, queue: str) -> ShardTask | None:
-    """The shard the queue would hand out next, without taking it (None if empty/unknown)."""
-    pipe = client.pipeline(transaction=False)
-    for name in kombu_queue_lists(queue):
-        pipe.lindex(name, -1)
-    for raw in pipe.execute():
-        if raw is not None:
-            return decode_shard_message(raw)
-    return None
 
 
 class ReadAhead:
