@@ -12,7 +12,8 @@ Contract:
   it can also mean an earlier, seemingly failed attempt of the same call created it.
 * Every call retries transient errors (connection failures, timeouts, 5xx, throttling) with
   exponential backoff and jitter (`RetryPolicy`, from Settings by default); permanent errors
-  (not found, access denied, bad request) raise at once.
+  (not found, access denied, bad request) raise at once. The classification lives in
+  `cola_batch.retries` (re-exported here).
 * S3 endpoint, region and credentials come from the standard AWS variables
   (AWS_ENDPOINT_URL[_S3], AWS_REGION/AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID,
   AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, or botocore's other sources). Credentials are never
@@ -22,83 +23,29 @@ Contract:
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import IO, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import IO, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
+from cola_batch.retries import (
+    RetryPolicy,
+    error_chain,
+    is_transient,
+    redact,
+    s3_error_code,
+    with_retries,
+)
 from cola_batch.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-_PERMANENT = (
-    FileNotFoundError,
-    FileExistsError,
-    PermissionError,
-    IsADirectoryError,
-    NotADirectoryError,
-)
-_TRANSIENT_ERRNOS = {
-    errno.EIO,
-    errno.EAGAIN,
-    errno.EINTR,
-    errno.ECONNRESET,
-    errno.ETIMEDOUT,
-    errno.ECONNREFUSED,
-    errno.EPIPE,
-    errno.ESTALE,
-    errno.EBUSY,
-}
-_TRANSIENT_S3_CODES = {
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "InternalError",
-    "ServiceUnavailable",
-    "ConditionalRequestConflict",
-    "OperationAborted",
-}
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how patiently one storage call is retried."""
-
-    retries: int = 5
-    backoff_initial_s: float = 0.2
-    backoff_max_s: float = 10.0
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RetryPolicy:
-        return cls(
-            settings.storage_retries,
-            settings.storage_backoff_initial_s,
-            settings.storage_backoff_max_s,
-        )
-
-
-def _policy(retry: RetryPolicy | None) -> RetryPolicy:
-    return retry if retry is not None else RetryPolicy.from_settings(get_settings())
-
+__all__ = ["RetryPolicy", "is_transient", "redact", "with_retries"]  # re-exported
 
 # ---------------------------------------------------------------- URIs
 
@@ -120,17 +67,6 @@ def normalize_uri(uri: str) -> str:
     scheme, rest = uri.split("://", 1)
     scheme = {"s3a": "s3", "s3n": "s3"}.get(scheme.lower(), scheme.lower())
     return f"{scheme}://{rest.rstrip('/')}"
-
-
-def redact(uri: str) -> str:
-    """`uri` without any user:password part, safe to log."""
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
 
 
 def _s3_settings_from_env() -> tuple[tuple[str, ...], dict[str, Any]]:
@@ -195,92 +131,6 @@ def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
         return path
     protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
     return f"{protocol}://{path}"
-
-
-# ---------------------------------------------------------------- retries
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def _s3_error(exc: BaseException) -> tuple[str, int] | None:
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return None
-    code = str(response.get("Error", {}).get("Code", ""))
-    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    return code, status
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether retrying `exc` can help: connection trouble, timeouts, 5xx, throttling."""
-    for err in _chain(exc):
-        s3 = _s3_error(err)
-        if s3 is not None:
-            code, status = s3
-            return status >= 500 or status == 429 or code in _TRANSIENT_S3_CODES
-        if isinstance(err, _PERMANENT):
-            return False
-        if isinstance(err, TimeoutError | ConnectionError):
-            return True
-        module = type(err).__module__
-        if module.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3")):
-            name = type(err).__name__
-            if any(
-                word in name
-                for word in (
-                    "Connection",
-                    "Timeout",
-                    "HTTPClient",
-                    "ResponseParser",
-                    "IncompleteRead",
-                    "Streaming",
-                    "Payload",
-                    "ServerDisconnected",
-                )
-            ):
-                return True
-        if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
-            return True
-    return False
-
-
-def _log_retry(op: str, uri: str) -> Callable[[RetryCallState], None]:
-    def before_sleep(state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        log.warning(
-            "storage %s %s: attempt %d failed (%s: %s); retrying",
-            op,
-            redact(uri),
-            state.attempt_number,
-            type(exc).__name__,
-            str(exc)[:200],
-        )
-
-    return before_sleep
-
-
-def with_retries(op: str, uri: str, fn: Callable[[], T], retry: RetryPolicy | None = None) -> T:
-    """Run `fn`, retrying transient failures under `retry` (Settings-derived by default)."""
-    policy = _policy(retry)
-    retrying = Retrying(
-        stop=stop_after_attempt(policy.retries + 1),
-        wait=wait_exponential_jitter(
-            multiplier=policy.backoff_initial_s,
-            max=policy.backoff_max_s,
-            jitter=policy.backoff_initial_s,
-        ),
-        retry=retry_if_exception(is_transient),
-        before_sleep=_log_retry(op, uri),
-        reraise=True,
-    )
-    return retrying(fn)
 
 
 # ---------------------------------------------------------------- reads
@@ -422,8 +272,8 @@ def _s3_create_once(fs: Any, path: str, data: bytes) -> bool:
     try:
         fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
     except Exception as exc:
-        for err in _chain(exc):
-            s3 = _s3_error(err)
+        for err in error_chain(exc):
+            s3 = s3_error_code(err)
             if s3 is None:
                 continue
             code, status = s3
