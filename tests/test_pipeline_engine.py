@@ -180,7 +180,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_results(model) -> None:
     assert {k: v.token_ids for k, v in retried.items()} == {k: v.token_ids for k, v in base.items()}
     engine.fail_batches_over = 0
     failed = _run(engine, reqs[:2], params)
-    assert {r.error_code for r in failed.values()} == {"oom"}
+    assert {r.error_code for r in failed.values()} == {"out_of_memory"}
 
 
 def test_bad_parameters_are_rejected_with_the_field_named(model) -> None:
@@ -201,4 +201,4 @@ def test_non_finite_latents_become_error_rows(model) -> None:
         broken.dit.txt_out.proj.bias.fill_(float("nan"))
     engine = Engine(broken, dtype="fp32")
     out = _run(engine, _requests(2), SamplingParams(max_new_tokens=4, timesteps=2))
-    assert {(r.finish_reason, r.error_code) for r in out.values()} == {("error", "nan_latents")}
+    assert {(r.finish_reason, r.error_code) for r in out.values()} == {("error", "numeric_error")}

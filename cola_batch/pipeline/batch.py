@@ -51,6 +51,7 @@ from cola_batch.pipeline.sampler import (
     reference_draw,
     select_tokens,
 )
+from cola_batch.schemas.job import ErrorCode
 
 
 @dataclass
@@ -338,7 +339,7 @@ class RunningBatch:
             r for p in self.dit_parts for r in p.rows if not bool(torch.isfinite(zs[id(r)]).all())
         ]
         for r in failed:
-            r.error = ("nan_latents", f"non-finite latents in block {r.block}")
+            r.error = (ErrorCode.NUMERIC_ERROR, f"non-finite latents in block {r.block}")
         logits: dict[int, torch.Tensor] = {}
         for part in self.vae_parts:
             n = len(part.rows)

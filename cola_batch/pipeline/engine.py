@@ -3,7 +3,7 @@
 Contract:
 * Each `RowRequest` (row id, prompt, sample index) yields exactly one `RowResult`, in the
   order rows finish. A bad row (empty prompt, prompt too long, tokenizer failure, non-finite
-  latents, out of memory even alone) yields finish_reason "error" with an `error_code`; it
+  latents, out of memory even alone) yields finish_reason "error" with an `ErrorCode` string; it
   never aborts other rows. Bad parameters raise `ValueError` before any work.
 * Scheduling: rows wait in a queue (per-row noise: sorted by prompt length, i.e. length
   bucketing; reference noise: input order). A running batch admits rows while
@@ -16,7 +16,7 @@ Contract:
   shard and retry (see `batch.py` for how the numerics are kept invariant); "reference"
   reproduces the reference's per-sample noise seeding and its single sampling generator.
 * Out of memory during a batch: its rows are re-queued from scratch with half the row cap
-  (results are unchanged in per-row mode); a row that fails alone gets error_code "oom".
+  (results are unchanged in per-row mode); a row that fails alone gets error_code "out_of_memory".
 * Numerics: dtype "bf16" (default) stores bf16 weights (a bf16 copy of fp32 weights is made if
   needed) and runs under bf16 autocast, so norms, softmax and RoPE stay fp32 inside the model
   and no weight is re-cast per call; "bf16-autocast" keeps fp32 weights under autocast (the
@@ -40,6 +40,7 @@ from cola_batch.pipeline import rng
 from cola_batch.pipeline.batch import RowState, RunConfig, RunningBatch
 from cola_batch.pipeline.layout import blocks_needed, plan_prompt, special_ids, tokenize
 from cola_batch.pipeline.sampler import SamplerConfig
+from cola_batch.schemas.job import ErrorCode
 from cola_batch.schemas.sampling import SamplingParams
 
 
@@ -137,7 +138,7 @@ class Engine:
         self, req: RowRequest, code: str, msg: str, seed: int, prompt_tokens: int = 0
     ) -> RowResult:
         return RowResult(
-            req.row_id, req.sample_index, "", [], "error", prompt_tokens, 0, seed, code, msg
+            req.row_id, req.sample_index, "", [], "error", prompt_tokens, 0, seed, str(code), msg
         )
 
     def _seed(self, req: RowRequest, params: SamplingParams) -> int:
@@ -151,13 +152,13 @@ class Engine:
     def _prepare(self, req: RowRequest, seq: int, params: SamplingParams) -> RowState | RowResult:
         seed = self._seed(req, params)
         if not isinstance(req.prompt, str) or req.prompt == "":
-            return self._error(req, "empty_prompt", "the prompt is empty", seed)
+            return self._error(req, ErrorCode.EMPTY_PROMPT, "the prompt is empty", seed)
         try:
             ids = tokenize(self.model.tokenizer, req.prompt)
         except Exception as exc:  # noqa: BLE001
-            return self._error(req, "tokenizer_error", f"tokenizer failed: {exc}", seed)
+            return self._error(req, ErrorCode.TOKENIZER_ERROR, f"tokenizer failed: {exc}", seed)
         if not ids:
-            return self._error(req, "empty_prompt", "the prompt encodes to no tokens", seed)
+            return self._error(req, ErrorCode.EMPTY_PROMPT, "the prompt encodes to no tokens", seed)
         S, P = self.model.dit.config.block_size, self.model.vae.config.patch_size
         plan = plan_prompt(len(ids), S, P)
         blocks = blocks_needed(
@@ -166,7 +167,7 @@ class Engine:
         if plan.padded_tokens + blocks * S * P > self.max_context:
             return self._error(
                 req,
-                "prompt_too_long",
+                ErrorCode.PROMPT_TOO_LONG,
                 f"{len(ids)} prompt tokens + {blocks * S * P} generated exceed "
                 f"the context limit of {self.max_context}",
                 seed,
@@ -216,7 +217,7 @@ class Engine:
                 r.plan.n_tokens,
                 0,
                 r.seed,
-                r.error[0],
+                str(r.error[0]),
                 r.error[1],
             )
         toks = list(r.result_tokens or [])
@@ -321,7 +322,10 @@ class Engine:
                     live = [r for r in admitted if r.result_tokens is None and r.error is None]
                     if len(live) <= 1:
                         for r in live:
-                            r.error = ("oom", "out of memory even with a batch of one row")
+                            r.error = (
+                                ErrorCode.OUT_OF_MEMORY,
+                                "out of memory even with a batch of one row",
+                            )
                             yield emit(self._result(r))
                     else:
                         for r in sorted(live, key=lambda r: r.seq, reverse=True):

@@ -170,6 +170,7 @@ class ShardTask(BaseModel):
 class ErrorCode(StrEnum):
     """Per-row error codes in output files. Stable strings: users filter on them."""
 
+    EMPTY_PROMPT = "empty_prompt"
     PROMPT_TOO_LONG = "prompt_too_long"
     TOKENIZER_ERROR = "tokenizer_error"
     NUMERIC_ERROR = "numeric_error"

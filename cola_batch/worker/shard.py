@@ -223,10 +223,6 @@ def _with_overrides(
         yield (spec.sampling.model_copy(update=update) if update else spec.sampling), requests
 
 
-# The engine's own error codes, mapped to the stable `ErrorCode` strings users filter on.
-_ENGINE_CODES = {"oom": ErrorCode.OUT_OF_MEMORY.value, "nan_latents": ErrorCode.NUMERIC_ERROR.value}
-
-
 def to_output_row(result: Any) -> OutputRow:
     failed = result.error_code is not None
     return OutputRow(
@@ -237,7 +233,7 @@ def to_output_row(result: Any) -> OutputRow:
         prompt_tokens=result.prompt_tokens,
         completion_tokens=None if failed else result.completion_tokens,
         seed=result.seed % 2**64,
-        error_code=_ENGINE_CODES.get(result.error_code, result.error_code),
+        error_code=result.error_code,
         error_message=result.error_message,
     )
 
