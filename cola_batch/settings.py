@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     worker_model: str | None = Field(
         None, description="Model root a worker process loads (set by `cola-batch worker`)."
     )
+    worker_parent_pid: int | None = Field(
+        None,
+        description="Process that started this worker (set by `cola-batch worker`/`pool`/`run`): "
+        "the worker stops when it dies, even SIGKILLed, instead of running on unsupervised.",
+    )
     worker_device: str = Field(
         "auto",
         description="Device of a worker process: auto (cuda if visible, else cpu), cpu, cuda.",

@@ -13,8 +13,11 @@ Contract:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
+import sys
 from typing import Any
 
 from celery import Celery, signals
@@ -24,6 +27,7 @@ from cola_batch.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 SHARD_TASK_NAME = "cola_batch.run_shard"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def make_app(settings: Settings) -> Celery:
@@ -97,6 +101,25 @@ def _serve_metrics() -> None:
     serve_worker_metrics(
         settings, queues=[settings.queue_interactive, settings.queue_batch], port_offset=offset
     )
+
+
+@signals.worker_init.connect
+def _die_with_parent(**_: Any) -> None:
+    """Stop (SIGTERM: soft, then cold shutdown) when the launcher that started us dies.
+
+    Without this, a SIGKILLed `cola-batch worker`/`pool`/`run` leaves its workers consuming
+    shards with nobody to stop them, and a restarted pool would add more on top.
+    """
+    parent = get_settings().worker_parent_pid
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        log.warning("cannot link this worker's life to its launcher (prctl failed)")
+        return
+    if os.getppid() != parent:  # the launcher died before the link was made
+        log.warning("launcher %d is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @signals.worker_init.connect

@@ -6,6 +6,8 @@ Contract:
 * Each child is a real `celery worker` with a prefork pool of one process: the model is loaded
   in that pool process after fork (`worker_process_init`), and if the pool process dies mid-shard
   the Celery parent requeues the shard at once.
+* A child dies with its launcher: it gets SIGTERM when the launcher exits, even SIGKILLed
+  (`celery_app`'s parent-death link), so no orphan consumes shards unsupervised.
 * SIGTERM/SIGINT are forwarded to every child; a child lets its running shard finish for
   `Settings.soft_shutdown_s`, then requeues it if still running (REMAP_SIGTERM=SIGQUIT: soft, then
   cold shutdown); the launcher exits when they all have, with the worst exit status.
@@ -92,6 +94,7 @@ def child_env(
             # soft shutdown (grace = Settings.soft_shutdown_s) and then a cold shutdown, which
             # puts the unfinished shard back on the queue at once.
             "REMAP_SIGTERM": "SIGQUIT",
+            "COLA_BATCH_WORKER_PARENT_PID": str(os.getpid()),
         }
     )
     if slot.visible is not None:
