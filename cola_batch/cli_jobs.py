@@ -118,6 +118,14 @@ def register(app: typer.Typer) -> None:
         id_column: Annotated[
             str, typer.Option("--id-column", help="'' = use row positions.")
         ] = "id",
+        max_tokens_column: Annotated[
+            str | None,
+            typer.Option("--max-tokens-column", help="Per-row max new tokens (null = flag's)."),
+        ] = None,
+        temperature_column: Annotated[
+            str | None,
+            typer.Option("--temperature-column", help="Per-row temperature (null = flag's)."),
+        ] = None,
         prompt_template: Annotated[str | None, typer.Option("--prompt-template")] = None,
         shard_size: Annotated[int | None, typer.Option("--shard-size")] = None,
         queue: Annotated[str | None, typer.Option("--queue")] = None,
@@ -148,6 +156,7 @@ def register(app: typer.Typer) -> None:
             spec = control.submit(
                 inputs, model=model, output=output, sampling=sampling,
                 prompt_column=prompt_column, id_column=id_column or None,
+                max_tokens_column=max_tokens_column, temperature_column=temperature_column,
                 prompt_template=prompt_template, shard_size=shard_size, queue=queue,
                 on_bad_rows=on_bad_rows,  # type: ignore[arg-type]
             )  # fmt: skip

@@ -134,6 +134,65 @@ def test_openai_batch_lines_become_prompts_with_per_row_overrides(
     ]  # fmt: skip
 
 
+def test_named_columns_of_plain_files_become_per_row_overrides(
+    tmp_path: Path, settings: Settings
+) -> None:
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({
+        "id": ["p1", "p2"], "prompt": ["a", "b"],
+        "budget": pa.array([16, None], pa.int64()), "temp": pa.array([None, 2], pa.int8()),
+    }), parquet)  # fmt: skip
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text(
+        '{"id": "j1", "prompt": "c", "budget": 3, "temp": 0.25}\n'
+        '{"id": "j2", "prompt": "d", "temp": null}\n'
+    )
+    options = {"max_tokens_column": "budget", "temperature_column": "temp"}
+    _, tasks, _ = submit([str(parquet), str(jsonl)], settings, **options)
+    rows = read_staged(tasks).to_pylist()
+    assert [(r["id"], r["max_tokens"], r["temperature"]) for r in rows] == [
+        ("p1", 16, None), ("p2", None, 2.0), ("j1", 3, 0.25), ("j2", None, None),
+    ]  # fmt: skip
+
+    # Unnamed, the same columns are ordinary data: no overrides.
+    _, tasks, _ = submit([str(parquet), str(jsonl)], settings)
+    assert {(r["max_tokens"], r["temperature"]) for r in read_staged(tasks).to_pylist()} == {
+        (None, None)
+    }
+
+
+def test_bad_override_values_name_the_row_and_column(tmp_path: Path, settings: Settings) -> None:
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "prompt": ["x", "y", "z"],
+                             "budget": [8, 0, 2**40]}), parquet)  # fmt: skip
+    with pytest.raises(InputError, match=r"rows.parquet, row 1, column 'budget': max_tokens must"):
+        submit([str(parquet)], settings, max_tokens_column="budget")
+
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text(
+        '{"id": "a", "prompt": "x", "t": 0.5}\n{"id": "b", "prompt": "y", "t": "hot"}\n'
+        '{"id": "c", "prompt": "z", "t": -1}\n'
+    )
+    spec, tasks, _ = submit([str(jsonl)], settings, temperature_column="t", on_bad_rows="skip")
+    assert read_staged(tasks).column("id").to_pylist() == ["a"]
+    job = keys.job_uri(settings.default_output, spec.job_id)
+    records = [json.loads(x) for x in storage.read_text(keys.rejected_rows_uri(job)).splitlines()]
+    assert sorted((r["line"], r["code"], r["column"]) for r in records) == [
+        (2, "wrong_type", "t"), (3, "bad_override", "t"),
+    ]  # fmt: skip
+
+
+def test_a_named_override_column_must_exist_and_be_numeric(
+    tmp_path: Path, settings: Settings
+) -> None:
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["x"], "budget": ["8"]}), parquet)
+    with pytest.raises(InputError, match=r"missing max_tokens column 'tokens'.*--max-tokens-col"):
+        submit([str(parquet)], settings, max_tokens_column="tokens")
+    with pytest.raises(InputError, match=r"max_tokens column has type string, expected integer"):
+        submit([str(parquet)], settings, max_tokens_column="budget")
+
+
 @pytest.mark.parametrize(
     ("messages", "prompt"),
     [

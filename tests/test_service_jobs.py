@@ -81,6 +81,25 @@ def test_submit_wait_results_on_local_storage(
     assert set(table.column("finish_reason").to_pylist()) <= {"stop", "length"}
 
 
+def test_a_max_tokens_column_caps_each_rows_generation(
+    control: Control, tiny_model: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "p.jsonl"
+    rows = [{"id": "capped", "prompt": "alpha beta gamma", "budget": 2},
+            {"id": "default", "prompt": "alpha beta gamma", "budget": None}]  # fmt: skip
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    sampling = SamplingParams(max_new_tokens=12, timesteps=2)
+    spec = control.submit([str(path)], model=str(tiny_model), sampling=sampling,
+                          max_tokens_column="budget")  # fmt: skip
+    with WorkerGroup(tiny_model, control.settings.redis_url_value(), tmp_path) as group:
+        assert control.wait(spec.job_id, timeout_s=120).state is JobState.COMPLETED, (
+            group.log_text()
+        )
+    out = {r["id"]: r for r in read_results(control.job_uri(spec.job_id)).to_pylist()}
+    assert out["capped"]["completion_tokens"] == 2 and out["capped"]["finish_reason"] == "length"
+    assert out["default"]["completion_tokens"] == 12  # the same prompt, the job's own budget
+
+
 def test_submit_wait_results_on_s3(
     control: Control, tiny_model: Path, tmp_path: Path, s3_bucket: str
 ) -> None:

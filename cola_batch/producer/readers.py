@@ -8,16 +8,14 @@ in `stage.py`. Memory is bounded by one batch (Parquet: one row group's column c
 line of at most `Settings.max_line_bytes`: longer lines are skipped without being held.
 File-level problems raise `InputError`.
 
-An OpenAI batch line is a JSON object with `custom_id` and `body`; the prompt is
-`body.messages` through `chat.messages_to_prompt`, else `body.prompt`; `body.max_tokens`
-(or `max_completion_tokens`) and `body.temperature` become per-row overrides.
+A JSONL line becomes a row through `lines.parse_line` (plain rows and OpenAI batch lines, with
+their per-row overrides). In Parquet the overrides come from the columns
+`JobSpec.max_tokens_column` / `temperature_column` when named (integer / numeric columns).
 """
 
 from __future__ import annotations
 
 import gzip
-import json
-import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,21 +26,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cola_batch import storage
-from cola_batch.chat import ChatTemplateError, messages_to_prompt
 from cola_batch.producer.errors import SKIP_HINT, InputError, Rejection
+from cola_batch.producer.lines import BadLine, parse_line
 from cola_batch.schemas.job import JobSpec
 from cola_batch.settings import Settings
 
 BATCH_ROWS = 8192
 _CHUNK = 1 << 20
 _BOM = b"\xef\xbb\xbf"
-_INT32_MAX = 2**31 - 1
 
 SOURCE_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string()),
         pa.field("prompt", pa.string()),
-        pa.field("max_tokens", pa.int32()),
+        pa.field("max_tokens", pa.int64()),  # range-checked (and narrowed) at staging
         pa.field("temperature", pa.float64()),
         pa.field("pos", pa.int64()),  # JSONL: 1-based line; Parquet: 0-based row in the file
     ]
@@ -98,10 +95,38 @@ def _is_text(kind: pa.DataType) -> bool:
     )
 
 
-def _check_column(uri: str, schema: pa.Schema, column: str, role: str, ok_ints: bool) -> None:
+_FLAGS = {
+    "prompt": "--prompt-column",
+    "id": "--id-column",
+    "max_tokens": "--max-tokens-column",
+    "temperature": "--temperature-column",
+}
+
+
+def _check_override(uri: str, schema: pa.Schema, column: str | None, role: str) -> None:
+    """A named override column exists and has a numeric type (integer for max_tokens)."""
+    if column is None:
+        return
+    _check_column(uri, schema, column, role, ok_ints=True, text=False)
+    kind = schema.field(column).type
+    if pa.types.is_integer(kind) or (role == "temperature" and pa.types.is_floating(kind)):
+        return
+    expected = "integer" if role == "max_tokens" else "integer or floating point"
+    raise InputError(
+        f"{role} column has type {kind}, expected {expected}",
+        file=uri,
+        column=column,
+        code="wrong_type",
+        hint=f"convert the column to {expected}",
+    )
+
+
+def _check_column(
+    uri: str, schema: pa.Schema, column: str, role: str, ok_ints: bool, text: bool = True
+) -> None:
     if column not in schema.names:
         shown = ", ".join(repr(n) for n in schema.names[:20])
-        flag = "--prompt-column" if role == "prompt" else "--id-column"
+        flag = _FLAGS[role]
         raise InputError(
             f"missing {role} column {column!r}; the file has columns: {shown}",
             file=uri,
@@ -110,6 +135,8 @@ def _check_column(uri: str, schema: pa.Schema, column: str, role: str, ok_ints: 
             hint=f"name the {role} column with {flag}"
             + (" (or --id-column '' to number rows by position)" if role == "id" else ""),
         )
+    if not text:
+        return
     kind = schema.field(column).type
     if _is_text(kind) or (ok_ints and pa.types.is_integer(kind)):
         return
@@ -144,11 +171,24 @@ def _read_parquet(uri: str, handle: IO[bytes], spec: JobSpec) -> Iterator[Source
     _check_column(uri, schema, spec.prompt_column, "prompt", ok_ints=False)
     if spec.id_column is not None:
         _check_column(uri, schema, spec.id_column, "id", ok_ints=True)
+    _check_override(uri, schema, spec.max_tokens_column, "max_tokens")
+    _check_override(uri, schema, spec.temperature_column, "temperature")
     if parquet.metadata.num_rows == 0:
         raise InputError(
             "file has 0 rows", file=uri, code="no_rows", hint="remove it from the inputs"
         )
-    columns = [spec.prompt_column] + ([spec.id_column] if spec.id_column else [])
+    overrides = [c for c in (spec.max_tokens_column, spec.temperature_column) if c]
+    columns = list(
+        dict.fromkeys(
+            [spec.prompt_column, *([spec.id_column] if spec.id_column else []), *overrides]
+        )
+    )
+
+    def override(batch: pa.RecordBatch, column: str | None, kind: pa.DataType) -> pa.Array:
+        if column is None:
+            return pa.nulls(batch.num_rows, kind)
+        return pc.cast(batch.column(column), kind)
+
     offset = 0
     batches = parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False)
     while True:
@@ -171,8 +211,8 @@ def _read_parquet(uri: str, handle: IO[bytes], spec: JobSpec) -> Iterator[Source
                 [
                     ids,
                     pc.cast(batch.column(spec.prompt_column), pa.string()),
-                    pa.nulls(n, pa.int32()),
-                    pa.nulls(n, pa.float64()),
+                    override(batch, spec.max_tokens_column, pa.int64()),
+                    override(batch, spec.temperature_column, pa.float64()),
                     pa.array(range(offset, offset + n), pa.int64()),
                 ],
                 schema=SOURCE_SCHEMA,
@@ -217,147 +257,6 @@ def iter_lines(handle: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes |
     if pending:
         lineno += 1
         yield lineno, (b"".join(pieces) if pending <= max_bytes else None), pending
-
-
-def _int_override(value: Any) -> int | None:
-    if value is None or value == 0 and not isinstance(value, bool):
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _INT32_MAX:
-        raise ValueError("max_tokens must be a positive integer or null")
-    return value
-
-
-def _float_override(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError("temperature must be a finite number or null")
-    if value < 0:
-        raise ValueError("temperature must be >= 0")
-    return float(value)
-
-
-class _Line(Exception):
-    """A line that cannot become a row: (code, reason, column, hint)."""
-
-    def __init__(self, code: str, reason: str, column: str | None = None, hint: str = "") -> None:
-        super().__init__(reason)
-        self.code, self.reason, self.column, self.hint = code, reason, column, hint
-
-
-def _row_from_openai(obj: dict[str, Any]) -> tuple[Any, str, int | None, float | None]:
-    body = obj["body"]
-    if not isinstance(body, dict):
-        raise _Line(
-            "wrong_type", "body must be a JSON object", "body", "send the request as an object"
-        )
-    if "messages" in body and body["messages"] is not None:
-        try:
-            prompt = messages_to_prompt(body["messages"])
-        except ChatTemplateError as exc:
-            raise _Line(
-                "bad_messages",
-                str(exc),
-                "body.messages",
-                "give a non-empty list of {role, content} messages",
-            ) from exc
-    elif "prompt" in body:
-        prompt = body["prompt"]
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise _Line(
-                "wrong_type",
-                f"prompt must be a string, got {type(prompt).__name__}",
-                "body.prompt",
-                "make body.prompt a string",
-            )
-    else:
-        raise _Line(
-            "missing_field",
-            "body has neither messages nor prompt",
-            "body.messages",
-            "every request body needs messages (chat) or prompt",
-        )
-    try:
-        max_tokens = _int_override(body.get("max_completion_tokens", body.get("max_tokens")))
-        temperature = _float_override(body.get("temperature"))
-    except ValueError as exc:
-        raise _Line("bad_override", str(exc), "body", "fix or remove the field") from exc
-    return obj["custom_id"], prompt, max_tokens, temperature
-
-
-def _row_from_plain(obj: dict[str, Any], spec: JobSpec) -> tuple[Any, Any, None, None]:
-    column = spec.prompt_column
-    if column not in obj:
-        raise _Line(
-            "missing_field",
-            f"no field {column!r}",
-            column,
-            "name the prompt field with --prompt-column",
-        )
-    prompt = obj[column]
-    if prompt is not None and not isinstance(prompt, str):
-        raise _Line(
-            "wrong_type",
-            f"prompt must be a string, got {type(prompt).__name__}",
-            column,
-            "make the prompt a JSON string",
-        )
-    row_id = None
-    if spec.id_column is not None:
-        if spec.id_column not in obj:
-            raise _Line(
-                "missing_field",
-                f"no field {spec.id_column!r}",
-                spec.id_column,
-                "name the id field with --id-column",
-            )
-        row_id = obj[spec.id_column]
-    return row_id, prompt, None, None
-
-
-def _normalise_id(value: Any, column: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    raise _Line(
-        "wrong_type",
-        f"id must be a string or integer, got {type(value).__name__}",
-        column,
-        "make every id a JSON string or integer",
-    )
-
-
-def _parse_line(raw: bytes, spec: JobSpec) -> tuple[str | None, Any, int | None, float | None]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _Line(
-            "invalid_utf8",
-            f"invalid UTF-8 at byte {exc.start} of the line",
-            hint="re-encode the file as UTF-8",
-        ) from exc
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _Line(
-            "malformed_json",
-            f"malformed JSON ({exc.msg} at column {exc.colno})",
-            hint="each line must be one complete JSON object",
-        ) from exc
-    if not isinstance(obj, dict):
-        raise _Line(
-            "not_an_object",
-            f"line is a JSON {type(obj).__name__}, not an object",
-            hint="each line must be one JSON object",
-        )
-    if "custom_id" in obj and "body" in obj:
-        row_id, prompt, max_tokens, temperature = _row_from_openai(obj)
-        return _normalise_id(row_id, "custom_id"), prompt, max_tokens, temperature
-    row_id, prompt, max_tokens, temperature = _row_from_plain(obj, spec)
-    return _normalise_id(row_id, spec.id_column or "id"), prompt, max_tokens, temperature
 
 
 def _read_jsonl(
@@ -405,8 +304,8 @@ def _read_jsonl(
                 continue
             seen_row = True
             try:
-                row = _parse_line(raw, spec)
-            except _Line as bad:
+                row = parse_line(raw, spec)
+            except BadLine as bad:
                 hint = f"{bad.hint or 'fix the line'}, {SKIP_HINT}"
                 if columns[0] and spec.on_bad_rows == "fail":
                     # Earlier rows are checked first, so the error names the first bad line.

@@ -29,6 +29,7 @@ from cola_batch.schemas.job import MAX_ROW_ID_CHARS, ROW_ID_FORBIDDEN_RE2, JobSp
 from cola_batch.settings import Settings
 
 MAX_WRITES_IN_FLIGHT = 4
+INT32_MAX = 2**31 - 1  # staged max_tokens is int32
 
 
 def _templated(prompts: pa.Array, template: str | None) -> pa.Array:
@@ -86,8 +87,9 @@ class Stager:
             )
         )
 
-    def _checks(self, ids: pa.Array, prompts: pa.Array) -> list[tuple[pa.Array, tuple]]:
+    def _checks(self, batch: pa.RecordBatch) -> list[tuple[pa.Array, tuple]]:
         """(mask of failing rows, (code, column, reason, hint)) in priority order."""
+        ids, prompts = batch.column("id"), batch.column("prompt")
         id_col = self.spec.id_column or "id"
         limit = self.settings.max_prompt_chars
         hint = f"fix the row, {SKIP_HINT}"
@@ -128,6 +130,27 @@ class Stager:
                 ),
             ),
         ]
+        max_tokens, temperature = batch.column("max_tokens"), batch.column("temperature")
+        checks += [
+            (
+                pc.or_(pc.less_equal(max_tokens, 0), pc.greater(max_tokens, INT32_MAX)),
+                (
+                    "bad_override",
+                    self.spec.max_tokens_column or "body.max_tokens",
+                    f"max_tokens must be between 1 and {INT32_MAX} (or null for the job's)",
+                    hint,
+                ),
+            ),
+            (
+                pc.invert(pc.and_(pc.is_finite(temperature), pc.greater_equal(temperature, 0))),
+                (
+                    "bad_override",
+                    self.spec.temperature_column or "body.temperature",
+                    "temperature must be a finite number >= 0 (or null for the job's)",
+                    hint,
+                ),
+            ),
+        ]
         return checks
 
     def add(self, source: SourceBatch) -> None:
@@ -146,7 +169,7 @@ class Stager:
         ids, prompts = batch.column("id"), batch.column("prompt")
         bad = pa.array([False] * n)
         found: list[tuple[int, tuple[str, str, str, str]]] = []
-        for mask, problem in self._checks(ids, prompts):
+        for mask, problem in self._checks(batch):
             mask = pc.and_not(pc.fill_null(mask, False), bad)
             if pc.any(mask).as_py():
                 found += [(index, problem) for index in pc.indices_nonzero(mask).to_pylist()]
@@ -183,7 +206,7 @@ class Stager:
                     [
                         good.column("id"),
                         prompts,
-                        good.column("max_tokens"),
+                        pc.cast(good.column("max_tokens"), pa.int32()),  # range-checked above
                         good.column("temperature"),
                     ],
                     names=["id", "prompt", "max_tokens", "temperature"],

@@ -111,6 +111,12 @@ class JobSpec(BaseModel):
     id_column: str | None = Field(
         "id", description="None: ids are the row's position across all inputs"
     )
+    max_tokens_column: str | None = Field(
+        None, min_length=1, description="column of per-row max_new_tokens (null = job's)"
+    )
+    temperature_column: str | None = Field(
+        None, min_length=1, description="column of per-row temperatures (null = job's)"
+    )
     prompt_template: str | None = Field(
         None, description="text with one or more `{prompt}` placeholders, applied at staging"
     )
