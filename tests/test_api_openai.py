@@ -303,6 +303,16 @@ def test_files_round_trip_and_purpose_check(service: Service) -> None:
     with pytest.raises(openai.BadRequestError, match="fine-tune"):
         client.files.create(file=("x.jsonl", payload), purpose="fine-tune")
 
+    stored = list(service.model.parent.rglob(f"*{uploaded.id}*"))
+    assert len(stored) == 1 and stored[0].read_bytes() == payload
+    deleted = client.files.delete(uploaded.id)
+    assert (deleted.id, deleted.deleted) == (uploaded.id, True)
+    assert not stored[0].exists()
+    assert uploaded.id not in [f.id for f in client.files.list()]
+    for gone in (client.files.retrieve, client.files.content, client.files.delete):
+        with pytest.raises(openai.NotFoundError):
+            gone(uploaded.id)
+
 
 # ---------------------------------------------------------------------- interactive
 

@@ -5,7 +5,9 @@ small Redis hash (`keys.api_file_key`) with its OpenAI fields; file ids are `fil
 checked by `check_file_id` before they reach a key or path (client file names never do).
 Uploads accept purpose `batch` only and stream to a local spool first, so memory stays small;
 the bytes appear on storage atomically. Batch output and error files are registered through
-`register_file` with purpose `batch_output`.
+`register_file` with purpose `batch_output`. `DELETE /v1/files/{id}` removes the metadata first
+(the file is gone for every reader at once), then the bytes; a batch that already started keeps
+its own staged copy of its input.
 """
 
 from __future__ import annotations
@@ -151,6 +153,19 @@ def list_files(
 @router.get("/v1/files/{file_id}")
 def retrieve_file(file_id: str, context: ApiContext = Depends(ctx)) -> dict[str, Any]:
     return file_object(get_file(context, file_id))
+
+
+@router.delete("/v1/files/{file_id}")
+def delete_file(file_id: str, context: ApiContext = Depends(ctx)) -> dict[str, Any]:
+    get_file(context, file_id)
+    pipe = context.redis.pipeline()
+    pipe.delete(keys.api_file_key(file_id))
+    pipe.zrem(keys.api_files_index_key(), file_id)
+    removed = pipe.execute()[0]
+    if not removed:  # a concurrent delete got there first
+        raise not_found("file", file_id)
+    storage.delete(file_uri(context, file_id))
+    return {"id": file_id, "object": "file", "deleted": True}
 
 
 def _chunks(uri: str) -> Iterator[bytes]:
