@@ -119,6 +119,20 @@ def test_take_waits_for_a_download_of_its_shard_still_in_flight(
     fetch.join(5)
 
 
+def test_an_input_over_the_size_cap_is_left_for_its_shard_to_read(
+    client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    zero = stage(tmp_path, 0, redis_url)
+    slot = ReadAhead(lambda: client, max_bytes=len(b"input of shard 0") - 1)
+    slot.fetch_head(QUEUE)
+    assert slot.take(zero.input_uri) is None
+    one = stage(tmp_path, 1, redis_url)
+    client.rpop(QUEUE)  # shard 0 went elsewhere; shard 1 (same size) is next
+    slot.max_bytes += 1
+    slot.fetch_head(QUEUE)
+    assert slot.take(one.input_uri) == b"input of shard 1"
+
+
 def test_broker_or_storage_failures_leave_a_miss(redis_url: str, tmp_path: Path) -> None:
     def broken_broker() -> redis.Redis:
         raise redis.ConnectionError("broker down")

@@ -11,7 +11,8 @@ Contract:
   so a copy is always valid, and which worker runs a shard is still decided by Celery. `take`
   returns the copy only for the exact URI asked for (waiting for a download of that URI still in
   flight) and forgets it; anything else is a miss and the caller reads storage as usual.
-* At most one staged input is held per process (the newest head). Read-ahead never raises:
+* At most one staged input is held per process (the newest head), and none larger than
+  `max_bytes` (a shard of huge prompts is read when it starts). Read-ahead never raises:
   broker, storage or message-format failures are logged at debug level and leave a miss.
 """
 
@@ -29,6 +30,7 @@ from cola_batch.worker.broker import peek_next_shard
 log = logging.getLogger(__name__)
 
 TAIL_FRACTION = 0.75
+MAX_BYTES = 256 * 2**20
 
 
 class ReadAhead:
@@ -39,14 +41,18 @@ class ReadAhead:
         client_factory: Callable[[], Any],
         *,
         read: Callable[[str], bytes] = storage.read_bytes,
+        size: Callable[[str], int] = storage.size,
         poll_s: float = 1.0,
+        max_bytes: int = MAX_BYTES,
     ) -> None:
         self._client_factory = client_factory
-        self._read = read
+        self._read, self._size = read, size
+        self.max_bytes = max_bytes
         self.poll_s = poll_s
         self._lock = threading.Lock()
         self._held: tuple[str, bytes] | None = None
         self._loading: tuple[str, threading.Event] | None = None
+        self._too_big: str | None = None  # the last head over max_bytes: not sized again
         self.hits = 0
         self.misses = 0
 
@@ -79,12 +85,15 @@ class ReadAhead:
             return
         uri = task.input_uri
         with self._lock:
-            if self._held is not None and self._held[0] == uri:
+            if uri == self._too_big or (self._held is not None and self._held[0] == uri):
                 return
             done = threading.Event()
             self._loading = (uri, done)
         try:
-            data = self._read(uri)
+            if self._size(uri) > self.max_bytes:
+                self._too_big, data = uri, None
+            else:
+                data = self._read(uri)
         except Exception as exc:  # noqa: BLE001
             log.debug("read-ahead: cannot read %s: %s", storage.redact(uri), exc)
             data = None
