@@ -21,10 +21,12 @@ from rich.table import Table
 from cola_batch.cli_options import (
     GuidanceScale,
     MaxNewTokens,
+    MaxTokensColumn,
     RepetitionPenalty,
     SamplesPerPrompt,
     Seed,
     Temperature,
+    TemperatureColumn,
     Timesteps,
     TopK,
     TopP,
@@ -118,14 +120,8 @@ def register(app: typer.Typer) -> None:
         id_column: Annotated[
             str, typer.Option("--id-column", help="'' = use row positions.")
         ] = "id",
-        max_tokens_column: Annotated[
-            str | None,
-            typer.Option("--max-tokens-column", help="Per-row max new tokens (null = flag's)."),
-        ] = None,
-        temperature_column: Annotated[
-            str | None,
-            typer.Option("--temperature-column", help="Per-row temperature (null = flag's)."),
-        ] = None,
+        max_tokens_column: MaxTokensColumn = None,
+        temperature_column: TemperatureColumn = None,
         prompt_template: Annotated[str | None, typer.Option("--prompt-template")] = None,
         shard_size: Annotated[int | None, typer.Option("--shard-size")] = None,
         queue: Annotated[str | None, typer.Option("--queue")] = None,

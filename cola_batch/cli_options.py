@@ -25,6 +25,14 @@ GuidanceScale = Annotated[float, typer.Option("--guidance-scale", help="CFG scal
 Timesteps = Annotated[int, typer.Option("--timesteps", help="Euler steps per block.")]
 SamplesPerPrompt = Annotated[int, typer.Option("--samples-per-prompt")]
 Seed = Annotated[int, typer.Option("--seed", help="Job seed; per-row seeds derive from it.")]
+MaxTokensColumn = Annotated[
+    str | None,
+    typer.Option("--max-tokens-column", help="Per-row max new tokens (null = the flag's)."),
+]
+TemperatureColumn = Annotated[
+    str | None,
+    typer.Option("--temperature-column", help="Per-row temperature (null = the flag's)."),
+]
 
 _DEFAULTS = SamplingParams()
 

@@ -25,10 +25,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cola_batch.cli_options import (
     GuidanceScale,
     MaxNewTokens,
+    MaxTokensColumn,
     RepetitionPenalty,
     SamplesPerPrompt,
     Seed,
     Temperature,
+    TemperatureColumn,
     Timesteps,
     TopK,
     TopP,
@@ -68,6 +70,8 @@ def run_job(
     shard_size: int | None = None,
     prompt_column: str = "prompt",
     id_column: str | None = "id",
+    max_tokens_column: str | None = None,
+    temperature_column: str | None = None,
 ) -> tuple[str, int]:
     """Run a job to its end on this machine; returns (job id, exit status)."""
     from cola_batch import keys, storage
@@ -87,6 +91,8 @@ def run_job(
         shard_size = min(settings.shard_size, 64)  # small shards: progress and resume granularity
     control = Control.connect(settings)
     extra = {"shard_size": shard_size, "prompt": prompt_column, "id": id_column}
+    overrides = {"max_tokens_column": max_tokens_column, "temperature_column": temperature_column}
+    extra.update({k: v for k, v in overrides.items() if v})  # unset: earlier runs still resume
     marker = (
         out_dir / ".cola-batch-runs" / f"{run_fingerprint(inputs, model, sampling, extra)}.json"
     )
@@ -107,6 +113,7 @@ def run_job(
                 spec = control.submit(
                     inputs, model=model, output=str(out_dir), sampling=sampling,
                     shard_size=shard_size, prompt_column=prompt_column, id_column=id_column,
+                    **overrides,
                 )  # fmt: skip
             job_id = spec.job_id
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +201,8 @@ def register(app: typer.Typer) -> None:
         shard_size: Annotated[int | None, typer.Option("--shard-size")] = None,
         prompt_column: Annotated[str, typer.Option("--prompt-column")] = "prompt",
         id_column: Annotated[str, typer.Option("--id-column")] = "id",
+        max_tokens_column: MaxTokensColumn = None,
+        temperature_column: TemperatureColumn = None,
         max_new_tokens: MaxNewTokens = D.max_new_tokens,
         temperature: Temperature = D.temperature,
         top_k: TopK = D.top_k,
@@ -214,7 +223,8 @@ def register(app: typer.Typer) -> None:
             )  # fmt: skip
         _, code = run_job(inputs, model=model, output=output, sampling=sampling, gpus=gpus,
                           shard_size=shard_size, prompt_column=prompt_column,
-                          id_column=id_column or None)  # fmt: skip
+                          id_column=id_column or None, max_tokens_column=max_tokens_column,
+                          temperature_column=temperature_column)  # fmt: skip
         raise typer.Exit(code)
 
     @app.command()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from workers import make_tiny_model, write_prompts
 
 VENV_BIN = Path(sys.executable).parent
@@ -68,3 +69,23 @@ def test_rerunning_the_same_run_command_resumes_instead_of_starting_over(tmp_pat
     assert "resuming job" in third.stderr and "1 shards left" in third.stderr
     assert (job / "_SUCCESS").exists()
     assert json.loads((job / "manifest.json").read_text())["rows_ok"] == 6
+
+
+def test_run_takes_per_row_max_tokens_from_a_named_column(tmp_path: Path) -> None:
+    env = _env_without_redis(tmp_path)
+    model = make_tiny_model(tmp_path / "model")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        '{"id": "capped", "prompt": "alpha beta", "budget": 3}\n'
+        '{"id": "default", "prompt": "alpha beta", "budget": null}\n'
+    )
+    cmd = [
+        str(VENV_BIN / "cola-batch"), "run", str(prompts), "--model", str(model),
+        "--output", str(tmp_path / "out"), "--max-new-tokens", "8", "--timesteps", "2",
+        "--max-tokens-column", "budget",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (job,) = [p for p in (tmp_path / "out").iterdir() if p.name.startswith("job-")]
+    rows = pq.read_table(job / "outputs").to_pylist()
+    assert {r["id"]: r["completion_tokens"] for r in rows} == {"capped": 3, "default": 8}
