@@ -196,12 +196,14 @@ def _generate(spec: JobSpec, task: ShardTask) -> list[OutputRow]:
     results: dict[tuple[str, int], OutputRow] = dict(previous)
     total = sum(len(requests) for requests in groups.values())
     slot = read_ahead()
+    done = 0
     with slot.following(spec.queue) if slot else contextlib.nullcontext(None) as progress:
         for params, requests in _with_overrides(spec, groups):
             for result in engine.generate(requests, params):
                 results[(result.row_id, result.sample_index)] = to_output_row(result)
+                done += 1
                 if progress is not None:
-                    progress(len(results) - len(previous), total)
+                    progress(done, total)
     missing = set(order) - set(results)
     for row_id, sample in missing:  # the engine must answer every request; never drop a row
         results[(row_id, sample)] = error_row(
