@@ -188,6 +188,7 @@ def job_keys(job_id: str) -> list[str]:
 # Celery's queues are kombu's keys, not ours; they are listed here because metrics (queue depth,
 # in-flight shards) and the worker's read-ahead read them directly.
 
+SHARD_TASK_NAME = "cola_batch.run_shard"  # the Celery task every shard message names
 KOMBU_SEP = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (3, 6, 9)
 KOMBU_UNACKED_KEY = "unacked"

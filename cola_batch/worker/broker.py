@@ -22,10 +22,10 @@ from cola_batch.keys import (
     KOMBU_PRIORITY_STEPS,
     KOMBU_SEP,
     KOMBU_UNACKED_KEY,
+    SHARD_TASK_NAME,
     kombu_queue_lists,
 )
 from cola_batch.schemas.job import ShardTask
-from cola_batch.worker.celery_app import SHARD_TASK_NAME
 
 
 def unacked_queue(

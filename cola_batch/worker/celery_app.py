@@ -22,11 +22,11 @@ from typing import Any
 
 from celery import Celery, signals
 
+from cola_batch.keys import SHARD_TASK_NAME
 from cola_batch.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-SHARD_TASK_NAME = "cola_batch.run_shard"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
