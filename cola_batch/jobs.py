@@ -105,6 +105,18 @@ class Control:
         self.store.cancel(job_id)
         return self.status(job_id)
 
+    def forget(self, job_id: str, job_uri: str, *, after_s: int, files: bool) -> None:
+        """Forget a job nobody will look up again (the API's one-row interactive jobs).
+
+        It leaves `jobs` at once; its Redis state lives on for `after_s` seconds, so a late
+        duplicate delivery of its shard still finds it finished and does nothing. With
+        `files`, its storage prefix is deleted now (only once the job is terminal: a running
+        shard would commit into it).
+        """
+        self.store.expire(job_id, after_s)
+        if files:
+            storage.delete(job_uri, recursive=True)
+
     # ------------------------------------------------------------------ retry / resume
 
     def retry(self, job_id: str, job_uri: str | None = None) -> int:

@@ -155,6 +155,12 @@ class Settings(BaseSettings):
     api_max_tokens_limit: int = Field(
         4096, gt=0, description="Upper clamp on an API request's max_tokens."
     )
+    api_interactive_retention_s: int = Field(
+        3600,
+        gt=0,
+        description="How long the Redis state of an answered /v1 chat/completions request "
+        "lives on (its files are deleted at once); it never appears in `cola-batch jobs`.",
+    )
     api_request_timeout_s: float = Field(
         600.0,
         gt=0,

@@ -18,11 +18,13 @@ from typing import Any
 
 import openai
 import pytest
+import redis
 import uvicorn
 from services import RedisServer, free_port
 from tokenizers import Tokenizer
 from workers import WorkerGroup, make_tiny_model
 
+from cola_batch import keys
 from cola_batch.api import create_app
 from cola_batch.pipeline.layout import plan_prompt
 from cola_batch.settings import Settings
@@ -328,6 +330,21 @@ def test_chat_completion_reports_usage(service: Service) -> None:
     assert first.choices[0].finish_reason in ("stop", "length")
     assert first.usage is not None and 0 < first.usage.completion_tokens <= 12
     assert first.usage.prompt_tokens > 0
+
+
+def test_answered_requests_leave_no_jobs_or_files_behind(service: Service) -> None:
+    r = redis.Redis.from_url(service.workers.redis_url, decode_responses=True)
+    client = service.client
+    for content in ("one", "two"):
+        messages = [{"role": "user", "content": content}]
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=4,
+                                       extra_body=FAST)  # fmt: skip
+    listed = set(r.zrange(keys.job_index_key(), 0, -1))
+    statuses = list(r.scan_iter(f"{keys.REDIS_PREFIX}:job:*:status"))
+    assert statuses, "the requests ran as jobs"
+    forgotten = [k for k in statuses if k.split(":")[-2] not in listed]
+    assert forgotten and all(0 < r.ttl(k) <= 3600 for k in forgotten)
+    assert list(service.model.parent.rglob("interactive/job-*")) == []
 
 
 def test_chat_streaming_sends_one_chunk_per_block(service: Service) -> None:

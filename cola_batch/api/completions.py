@@ -5,7 +5,9 @@ Contract: a request is checked (model id, `n` 1, one prompt, sampling fields thr
 `SamplingParams`), its prompt built (chat: the served model's chat template,
 `cola_batch.chat.apply_chat_template`), written as a one-row JSONL to a scratch path, submitted with
 `Control.submit` on `Settings.queue_interactive` (which workers poll before the batch queue),
-and waited for up to `api_request_timeout_s` (then cancelled: 504). The row id is fixed, so the
+and waited for up to `api_request_timeout_s` (then cancelled: 504). Answered, the job is
+forgotten (`Control.forget`): its files go at once, its Redis state after
+`api_interactive_retention_s`, and it never shows in `cola-batch jobs`. The row id is fixed, so the
 same prompt, sampling fields and `seed` give the same output. `stop` strings (and the stop text
 of the `text`/`chatml` templates) cut the completion. Streaming (`stream: true`) answers after
 the generation finished, as SSE chunks of one generated block each (`BlockSplitter`), then
@@ -38,7 +40,9 @@ from cola_batch.api.responses import (
 )
 from cola_batch.api.streaming import sse
 from cola_batch.chat import TEXT_STOP, ChatTemplateError, apply_chat_template
+from cola_batch.jobs import Control
 from cola_batch.producer.errors import InputError
+from cola_batch.schemas.job import JobStatus
 from cola_batch.schemas.sampling import SamplingParams
 
 router = APIRouter()
@@ -128,15 +132,27 @@ def generate(context: ApiContext, prompt: str, sampling: SamplingParams) -> dict
     finally:
         storage.delete(scratch)
     status = control.wait(spec.job_id, timeout_s=settings.api_request_timeout_s, poll_s=0.5)
+    try:
+        return _result(control, spec.job_id, status)
+    finally:
+        control.forget(
+            spec.job_id,
+            keys.job_uri(spec.output, spec.job_id),
+            after_s=settings.api_interactive_retention_s,
+            files=status.terminal,
+        )
+
+
+def _result(control: Control, job_id: str, status: JobStatus) -> dict[str, Any]:
     if not status.terminal:
-        control.cancel(spec.job_id)
+        control.cancel(job_id)
         raise ApiError(
             504,
             f"No worker finished the request within "
-            f"{settings.api_request_timeout_s:g} s (are workers running?).",
+            f"{control.settings.api_request_timeout_s:g} s (are workers running?).",
             code="timeout",
         )
-    rows = control.results_table(spec.job_id).to_pylist()
+    rows = control.results_table(job_id).to_pylist()
     if not rows:
         raise ApiError(
             500,

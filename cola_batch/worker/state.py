@@ -110,6 +110,14 @@ class JobStore:
     def recent(self, limit: int = 20) -> list[str]:
         return list(self.r.zrevrange(keys.job_index_key(), 0, max(limit - 1, 0)))
 
+    def expire(self, job_id: str, after_s: int) -> None:
+        """Drop the job from the index now and let its keys expire after `after_s` seconds."""
+        pipe = self.r.pipeline()
+        pipe.zrem(keys.job_index_key(), job_id)
+        for key in keys.job_keys(job_id):
+            pipe.expire(key, after_s)
+        pipe.execute()
+
     # ------------------------------------------------------------------ state machine
 
     def transition(
