@@ -184,6 +184,16 @@ def job_keys(job_id: str) -> list[str]:
     ]
 
 
+_NODE = re.compile(r"^[A-Za-z0-9@._-]{1,255}$")
+
+
+def worker_loaded_key(node: str) -> str:
+    """String: set by a worker's pool process once its model has loaded (the pool's `up`)."""
+    if not _NODE.fullmatch(node):
+        raise ValueError(f"not a worker node name: {node!r}")
+    return f"{REDIS_PREFIX}:worker:{node}:loaded"
+
+
 # ---------------------------------------------------------------- kombu's Redis transport
 # Celery's queues are kombu's keys, not ours; they are listed here because metrics (queue depth,
 # in-flight shards) and the worker's read-ahead read them directly.

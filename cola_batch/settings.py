@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     worker_model: str | None = Field(
         None, description="Model root a worker process loads (set by `cola-batch worker`)."
     )
+    worker_node: str | None = Field(
+        None,
+        description="Celery node name of this worker (set by the launcher); its pool process "
+        "announces under it in Redis once the model has loaded.",
+    )
     worker_parent_pid: int | None = Field(
         None,
         description="Process that started this worker (set by `cola-batch worker`/`pool`/`run`): "

@@ -285,6 +285,25 @@ def test_pool_command_scales_from_zero_to_max_and_back_without_losing_a_shard(
     assert "exited unexpectedly" not in text
 
 
+def test_a_worker_counts_as_up_only_once_its_model_has_loaded(
+    tiny_model: Path, tmp_path: Path, redis_url: str
+) -> None:
+    """Celery answers pings before the pool process has loaded the model; `up` must wait."""
+    config = PoolConfig(min_workers=1, max_workers=1, scale_up_window_s=0, scale_down_window_s=0)
+    delay = 6.0
+    pool = Pool(model=str(tiny_model), redis_url=redis_url, queues=QUEUES, config=config,
+                poll_s=0.3, log_dir=tmp_path,
+                extra_env={"COLA_BATCH_FAULT_LOAD_DELAY_S": str(delay)})  # fmt: skip
+    try:
+        started = time.monotonic()
+        wait_for(lambda: pool.step() is not None and pool.counts()["up"] == 1, 90, "worker up")
+        assert time.monotonic() - started >= delay
+        (log,) = tmp_path.glob("worker-*.log")
+        assert "loaded on cpu" in log.read_text()
+    finally:
+        pool.shutdown()
+
+
 def test_a_worker_running_a_shard_is_drained_only_after_its_shard_commits(
     control: Control, tiny_model: Path, tmp_path: Path, redis_url: str
 ) -> None:

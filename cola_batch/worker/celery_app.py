@@ -22,12 +22,13 @@ from typing import Any
 
 from celery import Celery, signals
 
-from cola_batch.keys import SHARD_TASK_NAME
+from cola_batch.keys import SHARD_TASK_NAME, worker_loaded_key
 from cola_batch.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+LOADED_TTL_S = 7 * 24 * 3600  # read only while a new worker starts; the pool clears it first
 
 
 def make_app(settings: Settings) -> Celery:
@@ -88,7 +89,23 @@ def _load_model_in_child(**_: Any) -> None:
     from cola_batch.worker.holder import preload_from_env
 
     preload_from_env()
+    _announce_loaded()
     _serve_metrics()
+
+
+def _announce_loaded() -> None:
+    """Tell the pool this worker can take shards: Celery answers pings before the model loads."""
+    settings = get_settings()
+    url = settings.redis_url_value()
+    if not (settings.worker_node and url and settings.worker_model):
+        return
+    import redis
+
+    try:
+        with redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10) as client:
+            client.set(worker_loaded_key(settings.worker_node), os.getpid(), ex=LOADED_TTL_S)
+    except redis.RedisError as exc:
+        log.warning("cannot announce the loaded model in Redis: %s", exc)
 
 
 def _serve_metrics() -> None:
@@ -130,4 +147,5 @@ def _load_model_in_solo(sender: Any = None, **_: Any) -> None:
         from cola_batch.worker.holder import preload_from_env
 
         preload_from_env()
+        _announce_loaded()
         _serve_metrics()

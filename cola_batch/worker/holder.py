@@ -89,6 +89,7 @@ def get_loaded() -> LoadedModel:
                     "this worker has no model: start it with `cola-batch worker --model DIR` "
                     "or set COLA_BATCH_WORKER_MODEL"
                 )
+            _maybe_delay_load()
             _loaded = load(
                 settings.worker_model,
                 device=settings.worker_device,
@@ -98,6 +99,16 @@ def get_loaded() -> LoadedModel:
             )
             _maybe_inject_oom(_loaded.engine)
         return _loaded
+
+
+def _maybe_delay_load() -> None:
+    """Fault injection for the tests: COLA_BATCH_FAULT_LOAD_DELAY_S=S makes the model load take
+    S seconds longer, as a multi-GB checkpoint would. Unset in production."""
+    import os
+
+    delay = os.environ.get("COLA_BATCH_FAULT_LOAD_DELAY_S")
+    if delay:
+        time.sleep(float(delay))
 
 
 def _maybe_inject_oom(engine: Any) -> None:

@@ -65,6 +65,14 @@ def _visible_gpu_ids() -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
+def node_name(slot: WorkerSlot, launcher_pid: int | None = None) -> str:
+    """The Celery node name of `slot`'s worker started by `launcher_pid` (default: this process)."""
+    from celery.utils.nodenames import host_format
+
+    pid = os.getpid() if launcher_pid is None else launcher_pid
+    return host_format(f"cola-{slot.name}-{pid}@%h")
+
+
 def child_command(
     slot: WorkerSlot, queues: Sequence[str], *, loglevel: str, pool: str
 ) -> list[str]:
@@ -73,7 +81,7 @@ def child_command(
         "-Q", ",".join(queues),
         "-c", "1",
         "-P", pool,
-        "-n", f"cola-{slot.name}-{os.getpid()}@%h",
+        "-n", node_name(slot),
         "--without-gossip", "--without-mingle",
         "-l", loglevel,
     ]  # fmt: skip
@@ -95,6 +103,7 @@ def child_env(
             # puts the unfinished shard back on the queue at once.
             "REMAP_SIGTERM": "SIGQUIT",
             "COLA_BATCH_WORKER_PARENT_PID": str(os.getpid()),
+            "COLA_BATCH_WORKER_NODE": node_name(slot),
         }
     )
     if slot.visible is not None:

@@ -11,6 +11,9 @@ Contract:
   consumers (it takes no new shard), checks again that it holds nothing, and only then sends
   SIGTERM: a warm stop, whose soft shutdown finishes or requeues anything that slipped in.
   A worker that does not answer is never treated as idle.
+* A started worker counts as capacity while it loads; it is `up` (a candidate for scale-down)
+  only once Celery answers its ping *and* its pool process has announced the loaded model in
+  Redis (`keys.worker_loaded_key`), since Celery answers pings before the model has loaded.
 * Every decision is logged with its reason (INFO when the action or reason changes, DEBUG for
   unchanged holds). SIGTERM/SIGINT of the pool warm-stops every worker and exits.
 """
@@ -29,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from cola_batch import keys
 from cola_batch.worker.launcher import WorkerSlot, child_command, child_env, parse_gpus
+from cola_batch.worker.launcher import node_name as launcher_node_name
 from cola_batch.worker.scaling import (
     Decision,
     Observation,
@@ -65,9 +70,7 @@ def pool_slots(gpus: str | None, max_workers: int) -> list[WorkerSlot]:
 
 def node_name(slot: WorkerSlot, pool_pid: int) -> str:
     """The node name `launcher.child_command` gives a worker of this slot, %h expanded."""
-    from celery.utils.nodenames import host_format
-
-    return host_format(f"cola-{slot.name}-{pool_pid}@%h")
+    return launcher_node_name(slot, pool_pid)
 
 
 class Pool:
@@ -231,6 +234,8 @@ class Pool:
     # ------------------------------------------------------------------ processes
 
     def _start(self, slot: WorkerSlot, now: float) -> None:
+        node = node_name(slot, os.getpid())
+        self.redis.delete(keys.worker_loaded_key(node))  # an earlier worker's, same slot
         env = child_env(slot, model=self.model, redis_url=self.redis_url, extra=self.extra_env)
         cmd = child_command(slot, self.queues, loglevel=self.loglevel, pool="prefork")
         out: Any = None
@@ -247,7 +252,7 @@ class Pool:
         finally:
             if out is not None:
                 out.close()
-        worker = PoolWorker(slot, proc, node_name(slot, os.getpid()), now, changed_at=now)
+        worker = PoolWorker(slot, proc, node, now, changed_at=now)
         self.workers.append(worker)
         log.info("pool: started %s (pid %d) on %s", worker.node, proc.pid, slot.device)
 
@@ -258,9 +263,11 @@ class Pool:
         replies = self.app.control.ping(
             destination=[w.node for w in starting], timeout=self.control_timeout_s
         )
-        answered = {node for reply in replies or [] for node in reply}
+        answered = [w.node for w in starting if w.node in {n for r in replies or [] for n in r}]
+        flags = self.redis.mget([keys.worker_loaded_key(n) for n in answered]) if answered else []
+        loaded = {node for node, flag in zip(answered, flags, strict=True) if flag is not None}
         for worker in starting:
-            if worker.node in answered:
+            if worker.node in loaded:
                 self._set(worker, "up", now, f"up after {now - worker.started_at:.1f}s")
                 self._failures = 0
             elif now - worker.started_at > self.load_timeout_s:
