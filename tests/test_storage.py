@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from services import FaultProxy, S3Server
+from fault_proxy import FaultProxy
+from services import S3Server
 
 from cola_batch import storage
 from cola_batch.storage import RetryPolicy
