@@ -37,8 +37,9 @@ import torch
 
 from cola_batch.model.checkpoint import ColaModel, keep_fp32
 from cola_batch.pipeline import rng
-from cola_batch.pipeline.batch import RowState, RunConfig, RunningBatch
+from cola_batch.pipeline.batch import RunningBatch
 from cola_batch.pipeline.layout import blocks_needed, plan_prompt, special_ids, tokenize
+from cola_batch.pipeline.rows import RowState, RunConfig
 from cola_batch.pipeline.sampler import SamplerConfig
 from cola_batch.schemas.job import ErrorCode
 from cola_batch.schemas.sampling import SamplingParams

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from cola_batch.model.checkpoint import load_model
 from cola_batch.model.verify import CheckResult
-from cola_batch.pipeline.batch import RowState
 from cola_batch.pipeline.engine import Engine, RowRequest
+from cola_batch.pipeline.rows import RowState
 from cola_batch.schemas.sampling import SamplingParams
 
 LATENT_TOL = 1e-3
