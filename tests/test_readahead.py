@@ -143,10 +143,17 @@ def test_broker_or_storage_failures_leave_a_miss(redis_url: str, tmp_path: Path)
 
     client = redis.Redis.from_url(redis_url)
     zero = stage(tmp_path, 0, redis_url)
-    Path(zero.input_uri).unlink()
-    slot = ReadAhead(lambda: client)
+    attempts: list[str] = []
+
+    def unavailable(uri: str) -> bytes:
+        attempts.append(uri)
+        raise OSError(16, "Service Unavailable")
+
+    slot = ReadAhead(lambda: client, read=unavailable)
     slot.fetch_head(QUEUE)
+    slot.fetch_head(QUEUE)  # the tail polls again: the failing head is not read twice
     assert slot.take(zero.input_uri) is None
+    assert attempts == [zero.input_uri]
 
 
 def wait_for(condition: object, timeout_s: float = 5.0) -> None:

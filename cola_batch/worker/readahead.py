@@ -12,7 +12,9 @@ Contract:
   returns the copy only for the exact URI asked for (waiting for a download of that URI still in
   flight) and forgets it; anything else is a miss and the caller reads storage as usual.
 * At most one staged input is held per process (the newest head), and none larger than
-  `max_bytes` (a shard of huge prompts is read when it starts). Read-ahead never raises:
+  `max_bytes` (a shard of huge prompts is read when it starts). Reads are tried once, without
+  the storage retry policy, and a head that was too big or unreadable is not tried again
+  (its own shard run retries it properly). Read-ahead never raises:
   broker, storage or message-format failures are logged at debug level and leave a miss.
 """
 
@@ -25,12 +27,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from cola_batch import storage
+from cola_batch.retries import RetryPolicy
 from cola_batch.worker.broker import peek_next_shard
 
 log = logging.getLogger(__name__)
 
 TAIL_FRACTION = 0.75
 MAX_BYTES = 256 * 2**20
+ONCE = RetryPolicy(retries=0)
 
 
 class ReadAhead:
@@ -40,8 +44,8 @@ class ReadAhead:
         self,
         client_factory: Callable[[], Any],
         *,
-        read: Callable[[str], bytes] = storage.read_bytes,
-        size: Callable[[str], int] = storage.size,
+        read: Callable[[str], bytes] = lambda uri: storage.read_bytes(uri, retry=ONCE),
+        size: Callable[[str], int] = lambda uri: storage.size(uri, retry=ONCE),
         poll_s: float = 1.0,
         max_bytes: int = MAX_BYTES,
     ) -> None:
@@ -52,7 +56,7 @@ class ReadAhead:
         self._lock = threading.Lock()
         self._held: tuple[str, bytes] | None = None
         self._loading: tuple[str, threading.Event] | None = None
-        self._too_big: str | None = None  # the last head over max_bytes: not sized again
+        self._skip: str | None = None  # the last head too big or unreadable: not tried again
         self.hits = 0
         self.misses = 0
 
@@ -85,18 +89,18 @@ class ReadAhead:
             return
         uri = task.input_uri
         with self._lock:
-            if uri == self._too_big or (self._held is not None and self._held[0] == uri):
+            if uri == self._skip or (self._held is not None and self._held[0] == uri):
                 return
             done = threading.Event()
             self._loading = (uri, done)
         try:
             if self._size(uri) > self.max_bytes:
-                self._too_big, data = uri, None
+                self._skip, data = uri, None
             else:
                 data = self._read(uri)
         except Exception as exc:  # noqa: BLE001
             log.debug("read-ahead: cannot read %s: %s", storage.redact(uri), exc)
-            data = None
+            self._skip, data = uri, None
         with self._lock:
             if data is not None:
                 self._held = (uri, data)
