@@ -142,19 +142,12 @@ class KVCache:
     # ------------------------------------------------------------------ batch surgery
     def select(self, indices: Sequence[int]) -> KVCache:
         """A new cache holding samples `indices` (in that order); self is unchanged."""
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        out = KVCache(self.num_layers, int(idx.numel()))
-        out._lengths = self._lengths[idx].clone()
-        width = int(out._lengths.max()) if idx.numel() else 0
-        cap = capacity_for(width)
-        for i in range(self.num_layers):
-            k, v = self._k[i], self._v[i]
-            if k is not None and v is not None:
-                # index_select copies whole per-sample slabs; advanced indexing (k[idx]) is
-                # an element-wise gather, several times slower on these sizes.
-                dev_idx = idx.to(k.device)
-                out._k[i] = _fit(k[:, :, :cap].index_select(0, dev_idx), cap)
-                out._v[i] = _fit(v[:, :, :cap].index_select(0, dev_idx), cap)
+        # `keep_` only rebinds the new cache's list entries to fresh gathered tensors, so the
+        # storage shared until then is never written.
+        out = KVCache(self.num_layers, self.num_samples())
+        out._lengths = self._lengths.clone()
+        out._k, out._v = list(self._k), list(self._v)
+        out.keep_(indices)
         return out
 
     def keep_(self, indices: Sequence[int]) -> None:
@@ -170,6 +163,8 @@ class KVCache:
         for i in range(self.num_layers):
             k, v = self._k[i], self._v[i]
             if k is not None and v is not None:
+                # index_select copies whole per-sample slabs; advanced indexing (k[idx]) is
+                # an element-wise gather, several times slower on these sizes.
                 dev_idx = idx.to(k.device)
                 self._k[i] = _fit(k[:, :, :cap].index_select(0, dev_idx), cap)
                 del k

@@ -222,27 +222,15 @@ class RunningBatch:
                     z = torch.where(pin_mask[:, None], pin_vals, z)
                 xin = z.to(torch.bfloat16).to(self.act)
                 with self.ctx():
+                    # Fused: the unconditional rows are extra rows of the same pass.
+                    call = self.model.dit.forward_guided if self.fused else self.dit_forward
+                    times = self._times(t, n + part.dummy, n * S, pins)
+                    out = call(xin, kk_c, q_c, times, cache=part.cache, update_cache=True)
+                    part.cache.advance(-q_c)
                     if self.fused:
-                        # One call: the unconditional rows are extra rows of the same pass.
-                        c, u = self.model.dit.forward_guided(
-                            xin,
-                            kk_c,
-                            q_c,
-                            self._times(t, n + part.dummy, n * S, pins),
-                            cache=part.cache,
-                            update_cache=True,
-                        )
-                        part.cache.advance(-q_c)
+                        c, u = out
                     else:
-                        c = self.dit_forward(
-                            xin,
-                            kk_c,
-                            q_c,
-                            self._times(t, n + part.dummy, n * S, pins),
-                            cache=part.cache,
-                            update_cache=True,
-                        )
-                        part.cache.advance(-q_c)
+                        c = out
                         u = self.dit_forward(xin, q, q, self._times(t, n, n * S, pins))
                 s = scale_dev.to(c.dtype)
                 v = s * (c - u) + u

@@ -18,14 +18,14 @@ from typing import Any
 from cola_batch.chat import ChatTemplateError, messages_to_prompt
 from cola_batch.schemas.job import JobSpec
 
-_INT32_MAX = 2**31 - 1
+INT32_MAX = 2**31 - 1  # staged max_tokens is int32
 _INT64_MAX = 2**63 - 1
 
 
 def _int_override(value: Any) -> int | None:
     if value is None or value == 0 and not isinstance(value, bool):
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _INT32_MAX:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= INT32_MAX:
         raise ValueError("max_tokens must be a positive integer or null")
     return value
 

@@ -23,13 +23,13 @@ import pyarrow.parquet as pq
 
 from cola_batch import keys, storage
 from cola_batch.producer.errors import SKIP_HINT, Rejection, describe_id
+from cola_batch.producer.lines import INT32_MAX
 from cola_batch.producer.readers import SourceBatch
 from cola_batch.schemas.arrow import INPUT_SHARD_SCHEMA, with_provenance
 from cola_batch.schemas.job import MAX_ROW_ID_CHARS, ROW_ID_FORBIDDEN_RE2, JobSpec, ShardTask
 from cola_batch.settings import Settings
 
 MAX_WRITES_IN_FLIGHT = 4
-INT32_MAX = 2**31 - 1  # staged max_tokens is int32
 
 
 def _templated(prompts: pa.Array, template: str | None) -> pa.Array:

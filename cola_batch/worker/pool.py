@@ -33,8 +33,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cola_batch import keys
-from cola_batch.worker.launcher import WorkerSlot, child_command, child_env, parse_gpus
-from cola_batch.worker.launcher import node_name as launcher_node_name
+from cola_batch.worker.launcher import (
+    WorkerSlot,
+    child_command,
+    child_env,
+    node_name,
+    parse_gpus,
+)
 from cola_batch.worker.scaling import (
     Decision,
     Observation,
@@ -66,11 +71,6 @@ def pool_slots(gpus: str | None, max_workers: int) -> list[WorkerSlot]:
     if max_workers > len(slots):
         raise ValueError(f"--max {max_workers} exceeds the {len(slots)} GPU(s) in --gpus {gpus}")
     return slots
-
-
-def node_name(slot: WorkerSlot, pool_pid: int) -> str:
-    """The node name `launcher.child_command` gives a worker of this slot, %h expanded."""
-    return launcher_node_name(slot, pool_pid)
 
 
 class Pool:
@@ -234,7 +234,7 @@ class Pool:
     # ------------------------------------------------------------------ processes
 
     def _start(self, slot: WorkerSlot, now: float) -> None:
-        node = node_name(slot, os.getpid())
+        node = node_name(slot)  # the name child_command gives it: we are its launcher
         self.redis.delete(keys.worker_loaded_key(node))  # an earlier worker's, same slot
         env = child_env(slot, model=self.model, redis_url=self.redis_url, extra=self.extra_env)
         cmd = child_command(slot, self.queues, loglevel=self.loglevel, pool="prefork")
@@ -263,7 +263,8 @@ class Pool:
         replies = self.app.control.ping(
             destination=[w.node for w in starting], timeout=self.control_timeout_s
         )
-        answered = [w.node for w in starting if w.node in {n for r in replies or [] for n in r}]
+        pinged = {node for reply in replies or [] for node in reply}
+        answered = [w.node for w in starting if w.node in pinged]
         flags = self.redis.mget([keys.worker_loaded_key(n) for n in answered]) if answered else []
         loaded = {node for node, flag in zip(answered, flags, strict=True) if flag is not None}
         for worker in starting:

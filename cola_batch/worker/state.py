@@ -62,6 +62,17 @@ def shard_member(shard_id: int, generation: int) -> str:
     return f"{shard_id}:{generation}"
 
 
+def _commit_shard(record: dict) -> tuple[str, int, int]:
+    """(job id, shard id, generation) of a commit record."""
+    return record["job_id"], record["shard_id"], record["generation"]
+
+
+def _commit_counts(record: dict) -> dict[str, int]:
+    """The counter deltas a commit record carries (keyword arguments of record/forget_shard)."""
+    names = ("rows_ok", "rows_failed", "prompt_tokens", "completion_tokens")
+    return {name: record[name] for name in names}
+
+
 class JobStore:
     """Typed access to one Redis database's job state."""
 
@@ -245,29 +256,13 @@ class JobStore:
 
     def record_commit(self, record: dict) -> bool:
         """`record_shard` for a shard's commit record (the dict stored under commits/)."""
-        return self.record_shard(
-            record["job_id"],
-            record["shard_id"],
-            record["generation"],
-            rows_ok=record["rows_ok"],
-            rows_failed=record["rows_failed"],
-            prompt_tokens=record["prompt_tokens"],
-            completion_tokens=record["completion_tokens"],
-            dead=bool(record.get("dead_lettered")),
-        )
+        dead = bool(record.get("dead_lettered"))
+        return self.record_shard(*_commit_shard(record), **_commit_counts(record), dead=dead)
 
     def forget_commit(self, record: dict) -> None:
         """Undo `record_commit(record)` before a retry supersedes it with a new generation."""
-        self.forget_shard(
-            record["job_id"],
-            record["shard_id"],
-            record["generation"],
-            rows_ok=record["rows_ok"],
-            rows_failed=record["rows_failed"],
-            prompt_tokens=record["prompt_tokens"],
-            completion_tokens=record["completion_tokens"],
-            shard_failed=bool(record.get("dead_lettered")) or record["rows_ok"] == 0,
-        )
+        failed = bool(record.get("dead_lettered")) or record["rows_ok"] == 0
+        self.forget_shard(*_commit_shard(record), **_commit_counts(record), shard_failed=failed)
 
     def shards_recorded(self, job_id: str) -> int:
         counters = self.r.hmget(keys.job_counters_key(job_id), "shards_completed", "shards_failed")
